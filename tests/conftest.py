@@ -1,0 +1,39 @@
+"""Shared fixtures: the committed fixture family, factored once per session (lossless and default lossy)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+FAMILY = FIXTURES / "family"
+MEMBERS = ["full_ft", "top_ft", "lora", "bf16", "vocab_grown", "unrelated"]
+RELATED = [m for m in MEMBERS if m != "unrelated"]
+
+if str(FIXTURES) not in sys.path:
+    sys.path.insert(0, str(FIXTURES))
+
+
+def member_args() -> list[str]:
+    return [f"{m}={FAMILY / m}" for m in MEMBERS]
+
+
+@pytest.fixture(scope="session")
+def lossless_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import wfactor
+
+    out = tmp_path_factory.mktemp("lossless") / "fam"
+    wfactor.factor(member_args(), base=str(FAMILY / "base"), out=out, budget=wfactor.Budget(lossless=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lossy_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import wfactor
+
+    out = tmp_path_factory.mktemp("lossy") / "fam"
+    wfactor.factor(member_args(), base=str(FAMILY / "base"), out=out)
+    return out

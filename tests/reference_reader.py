@@ -1,0 +1,726 @@
+"""An independent reader of the wfactor family format v1, written from ``spec/FORMAT.md`` alone.
+
+It exists to show that the specification is complete: it imports only the Python standard library,
+numpy and zstandard, and shares no code with the ``wfactor`` package.
+
+API::
+
+    fam = open_family("path/to/FAMILY")
+    fam.members                 # list of member names, in manifest order
+    fam.state_dict("member")    # {tensor name: np.ndarray}, in the member's manifest order
+
+Dtypes of the returned arrays: F64 -> float64, F32 -> float32, F16 -> float16, I64 -> int64,
+I32 -> int32, I16 -> int16, I8 -> int8, U8 -> uint8, BOOL -> bool, and **BF16 -> uint16**: numpy has
+no bfloat16, so a BF16 tensor is returned as its raw 16-bit patterns (``np.uint16``); to get the
+values, ``(a.astype(np.uint32) << 16).view(np.float32)``.
+
+Every failure raises :class:`RefError`, whose ``code`` is one of the error codes of FORMAT.md section 10.
+
+Readings chosen where FORMAT.md leaves room (see the report that came with this file):
+
+* zstd frames that declare no size, or a size other than N*s, are ``codec`` errors (4.3 allows
+  ``limit`` or ``codec``); a frame whose declared size is *larger* than the part needs is ``limit``.
+* Breaking a rule of 4.1 (record structure) is ``format``; a part whose dtype/shape/params disagree with
+  its codec (4.2/4.3) is ``codec``; a part key that is not a tensor of the delta is ``format``.
+* The tensor-name limit (7) is applied to record names and manifest tensor names, not to part keys.
+* The member's manifest ``tensors`` and the delta's records must describe the same tensors (same names,
+  shapes and dtypes); otherwise ``format``.
+* 5.1 is applied literally (X = 0 + dense values, X = X + sparse term over *all* elements), except for
+  the sentence "When a record has no terms and B's dtype is T, Y is B itself", which is also applied when
+  the shapes differ (the zero-padded view of B, copied bytewise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+import zstandard
+
+__all__ = ["RefError", "RefFamily", "open_family", "read_safetensors", "SafetensorsFile", "READER_VERSION"]
+
+READER_VERSION = 1
+
+MIB64 = 64 * 1024 * 1024
+MAX_TENSORS = 1_000_000
+MAX_DIMS = 8
+MAX_ELEMENTS = 2**40
+MAX_NAME_BYTES = 1024
+MAX_MEMBERS = 10_000
+MAX_TERMS = 8
+MEMBER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SHA_RE = re.compile(r"[0-9a-f]{64}")
+ZSTD_MAGIC = 0xFD2FB528
+
+# dtype name -> (size in bytes, numpy dtype of the returned array)
+DTYPES: dict[str, tuple[int, np.dtype]] = {
+    "F64": (8, np.dtype("<f8")),
+    "F32": (4, np.dtype("<f4")),
+    "F16": (2, np.dtype("<f2")),
+    "BF16": (2, np.dtype("<u2")),
+    "I64": (8, np.dtype("<i8")),
+    "I32": (4, np.dtype("<i4")),
+    "I16": (2, np.dtype("<i2")),
+    "I8": (1, np.dtype("i1")),
+    "U8": (1, np.dtype("u1")),
+    "BOOL": (1, np.dtype("?")),
+}
+FLOATS = {"F64", "F32", "F16", "BF16"}
+CODECS = {"dense", "lowrank", "sparse", "quant"}
+ENCODINGS = {"raw", "zstd", "zstd_planes"}
+
+
+class RefError(Exception):
+    """A reader failure; ``code`` is an error code of FORMAT.md section 10."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSON (section 7: no duplicate keys; RFC 8259 JSON, so no NaN/Infinity constants)
+
+
+def _loads(text: str | bytes, code: str, what: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise RefError(code, f"{what}: duplicate JSON key {k!r}")
+            out[k] = v
+        return out
+
+    def bad_constant(name: str) -> Any:
+        raise RefError(code, f"{what}: {name} is not JSON")
+
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RefError(code, f"{what}: not UTF-8 ({e})") from None
+    try:
+        return json.loads(text, object_pairs_hook=hook, parse_constant=bad_constant)
+    except RefError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise RefError(code, f"{what}: invalid JSON ({e})") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_shape(shape: Any, code: str, what: str) -> list[int]:
+    """A shape: a list of at most 8 non-negative ints with at most 2^40 elements (limits -> ``limit``)."""
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise RefError(code, f"{what}: invalid shape {shape!r}")
+    if len(shape) > MAX_DIMS:
+        raise RefError("limit", f"{what}: {len(shape)} dimensions > {MAX_DIMS}")
+    if _prod(shape) > MAX_ELEMENTS:
+        raise RefError("limit", f"{what}: more than 2^40 elements")
+    return list(shape)
+
+
+def _check_dtype(dtype: Any, code: str, what: str) -> str:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise RefError(code, f"{what}: unknown dtype {dtype!r}")
+    return dtype
+
+
+def _check_tensor_name(name: Any, code: str, what: str) -> str:
+    if not isinstance(name, str):
+        raise RefError(code, f"{what}: tensor name must be a string")
+    n = len(name.encode("utf-8", "surrogatepass"))
+    if not 1 <= n <= MAX_NAME_BYTES:
+        raise RefError("limit", f"{what}: tensor name of {n} bytes (limit 1..{MAX_NAME_BYTES})")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Safetensors (section 6)
+
+
+class SafetensorsFile:
+    """A parsed safetensors file held in memory: ``metadata``, ``entries`` (name -> (dtype, shape, begin,
+    end)) in header order, and :meth:`array` to view a tensor as numpy (BF16 as uint16)."""
+
+    def __init__(self, data: bytes, what: str = "file") -> None:
+        self.what = what
+        self.data = data
+        size = len(data)
+        if size < 8:
+            raise RefError("not_safetensors", f"{what}: shorter than 8 bytes")
+        n = int.from_bytes(data[:8], "little")
+        if n > MIB64:
+            raise RefError("not_safetensors", f"{what}: header length {n} > 64 MiB")
+        if 8 + n > size:
+            raise RefError("not_safetensors", f"{what}: header length {n} runs past the end of the file")
+        header = _loads(data[8 : 8 + n], "not_safetensors", f"{what} header")
+        if not isinstance(header, dict):
+            raise RefError("not_safetensors", f"{what}: header is not a JSON object")
+        self.metadata: dict[str, str] = {}
+        if "__metadata__" in header:
+            meta = header["__metadata__"]
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise RefError("not_safetensors", f"{what}: __metadata__ must map strings to strings")
+            self.metadata = meta
+        names = [k for k in header if k != "__metadata__"]
+        if len(names) > MAX_TENSORS:
+            raise RefError("limit", f"{what}: {len(names)} tensors > {MAX_TENSORS}")
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}
+        for name in names:
+            e = header[name]
+            if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+                raise RefError("not_safetensors", f"{what}: tensor {name!r}: malformed entry")
+            dtype = _check_dtype(e["dtype"], "not_safetensors", f"{what}: tensor {name!r}")
+            shape = _check_shape(e["shape"], "not_safetensors", f"{what}: tensor {name!r}")
+            offs = e["data_offsets"]
+            if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) and o >= 0 for o in offs)):
+                raise RefError("not_safetensors", f"{what}: tensor {name!r}: bad data_offsets")
+            begin, end = offs
+            if end < begin or end - begin != _prod(shape) * DTYPES[dtype][0]:
+                raise RefError("not_safetensors", f"{what}: tensor {name!r}: byte range does not match shape")
+            self.entries[name] = (dtype, shape, begin, end)
+        data_len = size - 8 - n
+        pos = 0
+        for _, (_, _, begin, end) in sorted(self.entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != pos:
+                raise RefError("not_safetensors", f"{what}: tensor byte ranges are not contiguous")
+            pos = end
+        if pos != data_len:
+            raise RefError("not_safetensors", f"{what}: tensors do not end exactly at the end of the file")
+        self.data_start = 8 + n
+
+    def array(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self.entries[name]
+        np_dtype = DTYPES[dtype][1]
+        a = np.frombuffer(self.data, dtype=np_dtype, count=_prod(shape), offset=self.data_start + begin)
+        return a.reshape(shape)
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(metadata, {name: array}) of a safetensors file, in header order; BF16 as uint16."""
+    with open(path, "rb") as f:
+        st = SafetensorsFile(f.read(), str(path))
+    return st.metadata, {k: st.array(k) for k in st.entries}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Floating-point helpers (section 5)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round F32 to BF16 (nearest, ties to even, overflow to infinity); NaN -> 0x7FC0. Returns uint16."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    lsb = (u >> np.uint64(16)) & np.uint64(1)
+    rounded = ((u + np.uint64(0x7FFF) + lsb) >> np.uint64(16)).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+def _cast_c(a: np.ndarray, dtype: str, c: np.dtype) -> np.ndarray:
+    """cast_C: the array ``a`` holding values of ``dtype`` (BF16 as uint16 bits) as compute dtype ``c``."""
+    if dtype == "BF16":
+        return _bf16_to_f32(a).astype(c)
+    return a.astype(c)
+
+
+def _round_t(x: np.ndarray, t: str) -> np.ndarray:
+    """round_T of section 5.1 step 3, from the compute dtype to T."""
+    if t == "F64":
+        return x.astype(np.float64)
+    if t == "F32":
+        return x.astype(np.float32)  # C is F32 here, so this is the identity
+    if t == "F16":
+        with np.errstate(over="ignore", invalid="ignore"):
+            return x.astype(np.float16)
+    if t == "BF16":
+        return _f32_to_bf16(x)
+    raise AssertionError(t)
+
+
+def _padded_view(b: np.ndarray, shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """Zeros of ``shape`` with the overlap with ``b`` copied from ``b`` (section 5.1 step 1)."""
+    x = np.zeros(shape, dtype=dtype)
+    sl = tuple(slice(0, min(bs, s)) for bs, s in zip(b.shape, shape))
+    x[sl] = b[sl]
+    return x
+
+
+def _matrix_view(shape: list[int]) -> tuple[int, int]:
+    if len(shape) >= 2:
+        return shape[0], _prod(shape[1:])
+    if len(shape) == 1:
+        return 1, shape[0]
+    return 1, 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Family (sections 1-5, 8, 9)
+
+
+def _check_path(root_real: str, rel: Any, what: str) -> str:
+    if not isinstance(rel, str) or rel == "":
+        raise RefError("format", f"{what}: path must be a non-empty string")
+    if "\\" in rel or "\0" in rel:
+        raise RefError("format", f"{what}: path {rel!r} contains a backslash or NUL")
+    for seg in rel.split("/"):
+        if seg in ("", ".", ".."):
+            raise RefError("format", f"{what}: path {rel!r} has an empty, '.' or '..' segment")
+    full = os.path.realpath(os.path.join(root_real, *rel.split("/")))
+    if os.path.commonpath([root_real, full]) != root_real:
+        raise RefError("format", f"{what}: path {rel!r} leads outside the family")
+    return full
+
+
+def _check_fileref(root_real: str, ref: Any, what: str) -> dict[str, Any]:
+    if not isinstance(ref, dict) or not {"path", "sha256", "size"} <= set(ref):
+        raise RefError("format", f"{what}: FileRef needs path, sha256 and size")
+    if not isinstance(ref["sha256"], str) or not SHA_RE.fullmatch(ref["sha256"]):
+        raise RefError("format", f"{what}: sha256 must be 64 lowercase hex digits")
+    if not _is_int(ref["size"]) or ref["size"] < 0:
+        raise RefError("format", f"{what}: size must be a non-negative integer")
+    return {"full": _check_path(root_real, ref["path"], what), "sha256": ref["sha256"], "size": ref["size"]}
+
+
+def _check_size(ref: dict[str, Any], what: str) -> None:
+    try:
+        size = os.path.getsize(ref["full"])
+    except FileNotFoundError:
+        raise RefError("not_found", f"{what}: {ref['full']} does not exist") from None
+    if size != ref["size"]:
+        raise RefError("integrity", f"{what}: size {size} != {ref['size']} in the manifest")
+
+
+def _read_checked(ref: dict[str, Any], what: str) -> bytes:
+    _check_size(ref, what)
+    with open(ref["full"], "rb") as f:
+        data = f.read()
+    if len(data) != ref["size"]:
+        raise RefError("integrity", f"{what}: size {len(data)} != {ref['size']} in the manifest")
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise RefError("integrity", f"{what}: SHA-256 differs from the manifest")
+    return data
+
+
+def _version(v: Any, what: str) -> int:
+    if not _is_int(v) or v < 1:
+        raise RefError("format", f"{what}: invalid format_version {v!r}")
+    if v > READER_VERSION:
+        raise RefError("version", f"file is v{v}; this reader supports up to v{READER_VERSION}")
+    return v
+
+
+class _Member:
+    def __init__(self, m: Any, root_real: str, i: int) -> None:
+        what = f"manifest: members[{i}]"
+        if not isinstance(m, dict) or not {"name", "delta", "tensors"} <= set(m):
+            raise RefError("format", f"{what}: needs name, delta and tensors")
+        name = m["name"]
+        if not isinstance(name, str) or not MEMBER_RE.fullmatch(name):
+            raise RefError("format", f"{what}: invalid member name {name!r}")
+        self.name = name
+        self.delta = _check_fileref(root_real, m["delta"], f"member {name!r}: delta")
+        tensors = m["tensors"]
+        if not isinstance(tensors, list):
+            raise RefError("format", f"member {name!r}: tensors must be an array")
+        if len(tensors) > MAX_TENSORS:
+            raise RefError("limit", f"member {name!r}: {len(tensors)} tensors > {MAX_TENSORS}")
+        self.tensors: list[tuple[str, list[int], str]] = []
+        seen: set[str] = set()
+        for t in tensors:
+            if not isinstance(t, dict) or not {"name", "shape", "dtype"} <= set(t):
+                raise RefError("format", f"member {name!r}: a tensor entry needs name, shape and dtype")
+            tn = _check_tensor_name(t["name"], "format", f"member {name!r}")
+            if tn in seen:
+                raise RefError("format", f"member {name!r}: tensor {tn!r} listed twice")
+            seen.add(tn)
+            self.tensors.append(
+                (
+                    tn,
+                    _check_shape(t["shape"], "format", f"{name}/{tn}"),
+                    _check_dtype(t["dtype"], "format", f"{name}/{tn}"),
+                )
+            )
+        for key, typ in (("original_bytes", int), ("source", dict), ("aux_files", list), ("plan", dict)):
+            if key in m and not isinstance(m[key], typ):
+                raise RefError("format", f"member {name!r}: {key} has the wrong type")
+        for j, ref in enumerate(m.get("aux_files", [])):
+            _check_fileref(root_real, ref, f"member {name!r}: aux_files[{j}]")
+
+
+class RefFamily:
+    """A family opened by the reference reader. See the module docstring."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        root = os.fspath(path)
+        if not os.path.isdir(root):
+            raise RefError("not_found", f"{root} is not a directory")
+        self.root = os.path.realpath(root)
+        mpath = os.path.join(self.root, "wfactor.json")
+        if not os.path.isfile(mpath):
+            raise RefError("not_found", f"{mpath} does not exist")
+        if os.path.getsize(mpath) > MIB64:
+            raise RefError("limit", "wfactor.json is larger than 64 MiB")
+        with open(mpath, "rb") as f:
+            man = _loads(f.read(), "format", "wfactor.json")
+        if not isinstance(man, dict):
+            raise RefError("format", "wfactor.json is not a JSON object")
+        if man.get("format") != "wfactor.family":
+            raise RefError("format", "wfactor.json: format is not 'wfactor.family'")
+        if "format_version" not in man:
+            raise RefError("format", "wfactor.json: no format_version")
+        self.format_version = _version(man["format_version"], "wfactor.json")
+        if "created_by" in man and not isinstance(man["created_by"], str):
+            raise RefError("format", "wfactor.json: created_by must be a string")
+        if "backbone" not in man or "members" not in man:
+            raise RefError("format", "wfactor.json: needs backbone and members")
+        self.backbone_ref = _check_fileref(self.root, man["backbone"], "backbone")
+        members = man["members"]
+        if not isinstance(members, list):
+            raise RefError("format", "wfactor.json: members must be an array")
+        if len(members) > MAX_MEMBERS:
+            raise RefError("limit", f"{len(members)} members > {MAX_MEMBERS}")
+        self._members: dict[str, _Member] = {}
+        for i, m in enumerate(members):
+            mem = _Member(m, self.root, i)
+            if mem.name in self._members:
+                raise RefError("format", f"member name {mem.name!r} is not unique")
+            self._members[mem.name] = mem
+        # Section 9, reference behaviour: sizes on every open.
+        _check_size(self.backbone_ref, "backbone")
+        for mem in self._members.values():
+            _check_size(mem.delta, f"member {mem.name!r}: delta")
+        self._backbone: SafetensorsFile | None = None
+
+    @property
+    def members(self) -> list[str]:
+        return list(self._members)
+
+    # -- backbone -------------------------------------------------------------------------------------
+
+    def backbone(self) -> SafetensorsFile:
+        if self._backbone is None:
+            data = _read_checked(self.backbone_ref, "backbone")
+            st = SafetensorsFile(data, "backbone")
+            kind = st.metadata.get("wfactor.kind")
+            if kind is not None and kind != "backbone":
+                raise RefError("format", f"backbone: wfactor.kind is {kind!r}, not 'backbone'")
+            self._backbone = st
+        return self._backbone
+
+    # -- delta ----------------------------------------------------------------------------------------
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        """The validated records of member ``name`` (after the checks of section 9)."""
+        return self._open_delta(name)[1]
+
+    def _open_delta(self, name: str) -> tuple[SafetensorsFile, list[dict[str, Any]]]:
+        if name not in self._members:
+            raise RefError("not_found", f"no member {name!r}")
+        mem = self._members[name]
+        what = f"delta of {name!r}"
+        st = SafetensorsFile(_read_checked(mem.delta, what), what)
+        meta = st.metadata
+        if meta.get("wfactor.kind") != "delta":
+            raise RefError("format", f"{what}: wfactor.kind is not 'delta'")
+        v = meta.get("wfactor.format_version")
+        if not isinstance(v, str) or not re.fullmatch(r"[0-9]+", v):
+            raise RefError("format", f"{what}: wfactor.format_version must be a decimal string")
+        _version(int(v), what)
+        if meta.get("wfactor.backbone_sha256") != self.backbone_ref["sha256"]:
+            raise RefError(
+                "backbone_mismatch",
+                f"{what}: written for backbone {meta.get('wfactor.backbone_sha256')!r}, "
+                f"the family's is {self.backbone_ref['sha256']}",
+            )
+        if "wfactor.records" not in meta:
+            raise RefError("format", f"{what}: no wfactor.records")
+        records = _loads(meta["wfactor.records"], "format", f"{what}: records")
+        if not isinstance(records, list):
+            raise RefError("format", f"{what}: records must be an array")
+        if len(records) > MAX_TENSORS:
+            raise RefError("limit", f"{what}: {len(records)} records > {MAX_TENSORS}")
+        keys: set[str] = set()
+        by_name: dict[str, dict[str, Any]] = {}
+        for r in records:
+            _validate_record(r, st, keys, what)
+            if r["name"] in by_name:
+                raise RefError("format", f"{what}: two records for {r['name']!r}")
+            by_name[r["name"]] = r
+        if keys != set(st.entries):
+            stray = sorted(set(st.entries) - keys)[:5]
+            raise RefError("format", f"{what}: tensors not named by any part: {stray}")
+        # The manifest's tensor list and the records describe the same tensors.
+        if set(by_name) != {t[0] for t in mem.tensors}:
+            raise RefError("format", f"{what}: records and the manifest's tensors differ")
+        for tn, shape, dtype in mem.tensors:
+            r = by_name[tn]
+            if r["shape"] != shape or r["dtype"] != dtype:
+                raise RefError("format", f"{what}: {tn!r}: record and manifest disagree on shape/dtype")
+        return st, [by_name[t[0]] for t in mem.tensors]
+
+    # -- rebuild --------------------------------------------------------------------------------------
+
+    def state_dict(self, name: str) -> dict[str, np.ndarray]:
+        """Every tensor of member ``name``, rebuilt per section 5, in the member's manifest order.
+        BF16 tensors are returned as ``np.uint16`` bit patterns."""
+        st, records = self._open_delta(name)
+        bb = self.backbone()  # hashed (section 9) before any backbone tensor is used
+        return {r["name"]: _rebuild(r, st, bb) for r in records}
+
+
+
+def _part(p: Any, st: SafetensorsFile, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(p, dict) or not {"key", "dtype", "shape", "encoding"} <= set(p):
+        raise RefError("format", f"{what}: a part needs key, dtype, shape and encoding")
+    key = p["key"]
+    if not isinstance(key, str) or key == "":
+        raise RefError("format", f"{what}: part key must be a non-empty string")
+    if key in keys:
+        raise RefError("format", f"{what}: part key {key!r} used twice")
+    keys.add(key)
+    if key not in st.entries:
+        raise RefError("format", f"{what}: part key {key!r} is not a tensor of the delta")
+    dtype = _check_dtype(p["dtype"], "codec", f"{what}: part {key!r}")
+    shape = _check_shape(p["shape"], "codec", f"{what}: part {key!r}")
+    enc = p["encoding"]
+    if enc not in ENCODINGS:
+        raise RefError("codec", f"{what}: part {key!r}: unknown encoding {enc!r}")
+    fdtype, fshape, _, _ = st.entries[key]
+    if enc == "raw":
+        if fdtype != dtype or fshape != shape:
+            raise RefError(
+                "codec", f"{what}: raw part {key!r}: file tensor is {fdtype}{fshape}, not {dtype}{shape}"
+            )
+    elif fdtype != "U8" or len(fshape) != 1:
+        raise RefError("codec", f"{what}: {enc} part {key!r} must be a 1-D U8 tensor")
+    return p
+
+
+def _expect(p: dict[str, Any], dtypes: set[str] | str, shape: list[int], what: str) -> None:
+    ok = p["dtype"] in dtypes if isinstance(dtypes, set) else p["dtype"] == dtypes
+    if not ok or p["shape"] != shape:
+        raise RefError(
+            "codec", f"{what}: part {p['key']!r} is {p['dtype']}{p['shape']}, expected {dtypes}{shape}"
+        )
+
+
+def _int_param(params: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
+    v = params.get(key)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise RefError("codec", f"{what}: param {key}={v!r} outside [{lo}, {hi}]")
+    return v
+
+
+def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> None:
+    if not isinstance(r, dict) or not {"name", "shape", "dtype", "base", "terms"} <= set(r):
+        raise RefError("format", f"{what}: a record needs name, shape, dtype, base and terms")
+    name = _check_tensor_name(r["name"], "format", what)
+    what = f"{what}: {name!r}"
+    shape = _check_shape(r["shape"], "format", what)
+    t = _check_dtype(r["dtype"], "format", what)
+    base = r["base"]
+    if base is not None and not isinstance(base, str):
+        raise RefError("format", f"{what}: base must be a string or null")
+    terms = r["terms"]
+    if not isinstance(terms, list):
+        raise RefError("format", f"{what}: terms must be an array")
+    if len(terms) > MAX_TERMS:
+        raise RefError("limit", f"{what}: {len(terms)} terms > {MAX_TERMS}")
+    residual = r.get("residual")
+    m, n = _matrix_view(shape)
+    codecs = []
+    for k, term in enumerate(terms):
+        tw = f"{what} term {k}"
+        if not isinstance(term, dict) or "codec" not in term or "parts" not in term:
+            raise RefError("format", f"{tw}: a term needs codec and parts")
+        codec = term["codec"]
+        if codec not in CODECS:
+            raise RefError("codec", f"{tw}: unknown codec {codec!r}")
+        params = term.get("params", {})
+        parts = term["parts"]
+        if not isinstance(params, dict) or not isinstance(parts, dict):
+            raise RefError("format", f"{tw}: params and parts must be objects")
+        roles = {"dense": {"values"}, "lowrank": {"u", "v"}, "sparse": {"indices", "values"},
+                 "quant": {"codes", "scales"}}[codec]
+        if set(parts) != roles:
+            raise RefError("codec", f"{tw}: {codec} needs parts {sorted(roles)}, has {sorted(parts)}")
+        ps = {role: _part(p, st, keys, tw) for role, p in parts.items()}
+        if codec == "dense":
+            _expect(ps["values"], t, shape, tw)
+        elif codec == "lowrank":
+            if len(shape) < 2:
+                raise RefError("codec", f"{tw}: lowrank needs 2 or more dimensions")
+            rank = _int_param(params, "rank", 1, min(m, n), tw)
+            _expect(ps["u"], {"F16", "BF16", "F32"}, [m, rank], tw)
+            _expect(ps["v"], {"F16", "BF16", "F32"}, [rank, n], tw)
+        elif codec == "sparse":
+            count = _int_param(params, "count", 0, m * n, tw)
+            _expect(ps["indices"], "I64", [count], tw)
+            _expect(ps["values"], {"F16", "BF16", "F32"}, [count], tw)
+        else:
+            _int_param(params, "bits", 2, 8, tw)
+            _expect(ps["codes"], "I8", [m, n], tw)
+            _expect(ps["scales"], "F32", [m], tw)
+        codecs.append(codec)
+    if residual is not None:
+        _expect(_part(residual, st, keys, f"{what} residual"), t, shape, f"{what} residual")
+    # Rules of section 4.1.
+    if base is None and codecs != ["dense"]:
+        raise RefError("format", f"{what}: a record without base needs exactly one dense term")
+    if "dense" in codecs and (codecs != ["dense"] or base is not None):
+        raise RefError("format", f"{what}: a dense term must be the only term, with a null base")
+    if t not in FLOATS and any(c != "dense" for c in codecs):
+        raise RefError("format", f"{what}: integer/BOOL records may only use dense")
+    if "lowrank" in codecs and residual is not None:
+        raise RefError("format", f"{what}: a lowrank record must not have a residual")
+
+
+def _decode_part(p: dict[str, Any], st: SafetensorsFile) -> np.ndarray:
+    """The decoded array of a part (section 4.3), in its own dtype (BF16 as uint16)."""
+    dtype, shape, enc = p["dtype"], p["shape"], p["encoding"]
+    if enc == "raw":
+        return st.array(p["key"])
+    size, np_dtype = DTYPES[dtype]
+    count = _prod(shape)
+    want = count * size
+    frame = st.array(p["key"]).tobytes()
+    declared = _frame_content_size(frame, p["key"])
+    if declared is None:
+        raise RefError("codec", f"part {p['key']!r}: zstd frame declares no content size")
+    if declared > want:
+        raise RefError("limit", f"part {p['key']!r}: frame declares {declared} bytes, the part needs {want}")
+    if declared != want:
+        raise RefError("codec", f"part {p['key']!r}: frame declares {declared} bytes, the part needs {want}")
+    try:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        content = dobj.decompress(frame)
+        if not dobj.eof:
+            raise RefError("codec", f"part {p['key']!r}: truncated zstd frame")
+        if dobj.unused_data:
+            raise RefError("codec", f"part {p['key']!r}: bytes after the zstd frame")
+    except zstandard.ZstdError as e:
+        raise RefError("codec", f"part {p['key']!r}: zstd: {e}") from None
+    if len(content) != want:
+        raise RefError("codec", f"part {p['key']!r}: decoded {len(content)} bytes, expected {want}")
+    if enc == "zstd_planes" and size > 1:
+        content = np.frombuffer(content, np.uint8).reshape(size, count).T.tobytes()
+    return np.frombuffer(content, dtype=np_dtype, count=count).reshape(shape)
+
+
+def _frame_content_size(frame: bytes, key: str) -> int | None:
+    """Frame_Content_Size from a zstd frame header (RFC 8878 3.1.1.1), or None if not declared."""
+    if len(frame) < 5 or int.from_bytes(frame[:4], "little") != ZSTD_MAGIC:
+        raise RefError("codec", f"part {key!r}: not a zstd frame")
+    fhd = frame[4]
+    fcs_flag = fhd >> 6
+    single_segment = (fhd >> 5) & 1
+    if (fhd >> 3) & 1:
+        raise RefError("codec", f"part {key!r}: reserved bit set in zstd frame header")
+    did_size = (0, 1, 2, 4)[fhd & 3]
+    pos = 5 + (0 if single_segment else 1) + did_size
+    fcs_size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if fcs_size == 0:
+        return None
+    if len(frame) < pos + fcs_size:
+        raise RefError("codec", f"part {key!r}: truncated zstd frame header")
+    v = int.from_bytes(frame[pos : pos + fcs_size], "little")
+    return v + 256 if fcs_size == 2 else v
+
+
+def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.ndarray:
+    t, shape, base = r["dtype"], list(r["shape"]), r["base"]
+    what = f"tensor {r['name']!r}"
+    b = bdtype = None
+    if base is not None:
+        if base not in bb.entries:
+            raise RefError("format", f"{what}: base {base!r} is not a backbone tensor")
+        bdtype, bshape, _, _ = bb.entries[base]
+        if len(bshape) != len(shape):
+            raise RefError("format", f"{what}: base {base!r} has {len(bshape)} dimensions, not {len(shape)}")
+        if (t in FLOATS) != (bdtype in FLOATS) or (t not in FLOATS and bdtype != t):
+            raise RefError("format", f"{what}: base {base!r} of dtype {bdtype} cannot predict {t}")
+        b = bb.array(base)
+    terms = r["terms"]
+    np_t = DTYPES[t][1]
+
+    if t not in FLOATS or (not terms and bdtype == t):
+        # 5.2, and the "Y is B itself" case of 5.1: no arithmetic.
+        if terms:  # exactly one dense term (4.1)
+            y = _decode_part(terms[0]["parts"]["values"], st)
+        else:
+            assert b is not None
+            y = b if list(b.shape) == shape else _padded_view(b, shape, np_t)
+    else:
+        c = np.dtype(np.float64) if t == "F64" else np.dtype(np.float32)
+        if b is None:
+            x = np.zeros(shape, dtype=c)
+        else:
+            bc = _cast_c(b, bdtype, c)
+            x = bc if list(b.shape) == shape else _padded_view(bc, shape, c)
+        m, n = _matrix_view(shape)
+        with np.errstate(all="ignore"):
+            for term in terms:
+                x = x + _term_value(term, st, shape, m, n, c)
+            y = _round_t(x, t)
+    y = np.ascontiguousarray(y, dtype=np_t).reshape(shape)
+
+    if r.get("residual") is not None:
+        res = _decode_part(r["residual"], st)
+        yb = y.view(np.uint8) ^ np.ascontiguousarray(res).view(np.uint8)
+        y = yb.view(np_t).reshape(shape)
+    return y if y.flags.writeable else y.copy()
+
+
+def _term_value(
+    term: dict[str, Any], st: SafetensorsFile, shape: list[int], m: int, n: int, c: np.dtype
+) -> np.ndarray:
+    codec, parts, params = term["codec"], term["parts"], term.get("params", {})
+
+    def get(role: str) -> np.ndarray:
+        p = parts[role]
+        return _cast_c(_decode_part(p, st), p["dtype"], c)
+
+    if codec == "dense":
+        return get("values")
+    if codec == "lowrank":
+        return (get("u") @ get("v")).reshape(shape)
+    if codec == "sparse":
+        idx = _decode_part(parts["indices"], st)
+        k = idx.shape[0]
+        if k and (idx[0] < 0 or idx[-1] >= m * n or (k > 1 and not bool(np.all(idx[1:] > idx[:-1])))):
+            raise RefError("codec", "sparse indices are not strictly increasing within [0, m*n)")
+        out = np.zeros(m * n, dtype=c)
+        out[idx] = get("values")
+        return out.reshape(shape)
+    if codec == "quant":
+        bits = params["bits"]
+        codes = _decode_part(parts["codes"], st)
+        lim = 2 ** (bits - 1) - 1
+        if codes.size and (int(codes.min()) < -lim or int(codes.max()) > lim):
+            raise RefError("codec", f"quant codes outside [-{lim}, {lim}]")
+        return (codes.astype(c) * get("scales")[:, None]).reshape(shape)
+    raise RefError("codec", f"unknown codec {codec!r}")
+
+
+def open_family(path: str | os.PathLike[str]) -> RefFamily:
+    """Open the family directory ``path`` (manifest parsed and checked, file sizes checked)."""
+    return RefFamily(path)

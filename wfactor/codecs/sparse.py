@@ -1,0 +1,47 @@
+"""sparse: + values at flat (row-major) indices. Good when a fine-tune touched few entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CodecError
+from ..tensors import to_storage
+from .base import Encoded
+
+NAME = "sparse"
+
+
+def encode(delta: torch.Tensor, count: int) -> Encoded:
+    flat = delta.reshape(-1)
+    if count >= flat.numel():
+        idx = torch.arange(flat.numel())
+    else:
+        # topk ties are broken by index (stable sort) so the choice is deterministic
+        order = torch.sort(flat.abs(), descending=True, stable=True).indices[:count]
+        idx = torch.sort(order).values
+    vals = flat[idx].to(torch.float16 if float(flat.abs().max() if flat.numel() else 0) < 60000 else torch.float32)
+    fmt = "F16" if vals.dtype == torch.float16 else "F32"
+    return Encoded(
+        NAME,
+        {"count": int(idx.numel())},
+        {
+            "indices": (idx.to(torch.int64).numpy().astype(np.int64), "I64", "zstd_planes"),
+            "values": (to_storage(vals), fmt, "zstd_planes"),
+        },
+    )
+
+
+def decode(parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype) -> torch.Tensor:
+    idx = parts["indices"]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if idx.numel():
+        if int(idx[0]) < 0 or int(idx[-1]) >= numel or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+            raise CodecError(f"sparse indices must be strictly increasing and lie in 0..{numel - 1}")
+    out = torch.zeros(numel, dtype=cdtype, device=idx.device)
+    out[idx] = parts["values"].to(cdtype)
+    return out.reshape(shape)

@@ -1,0 +1,301 @@
+"""Reading a family: open, check, rebuild members, materialise, verify.
+
+Integrity is checked in layers: opening a family checks the manifest, every file's size and that every
+delta names the manifest's backbone digest (cheap: no data is read); the backbone's sha256 is computed
+once per Family, the first time backbone data is needed; a delta's sha256 is checked when it is opened.
+So a flipped byte anywhere is caught before a tensor built from it is returned.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FormatError, IntegrityError, NotFoundError, WfactorError
+from .format.constants import META_KIND, META_VERSION
+from .format.delta import DeltaFile, check_version
+from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, sha256_file
+from .format.parts import PartSpec, read_part
+from .format.records import Record
+from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
+from .reconstruct import reconstruct
+from .tensors import bitwise_equal, from_storage, to_storage
+
+
+class Family:
+    """An opened family directory. Cheap to open; data is read lazily, tensor by tensor."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.manifest: Manifest = read_manifest(self.root)
+        self._backbone_path = self.manifest.backbone.check_size(self.root)
+        for m in self.manifest.members:
+            m.delta.check_size(self.root)
+        self._bb_file = SafetensorsFile(self._backbone_path)
+        try:
+            if self._bb_file.metadata.get(META_KIND) not in (None, "backbone"):
+                raise FormatError(f"{self._backbone_path}: not a wfactor backbone (wfactor.kind is not 'backbone')")
+            if META_VERSION in self._bb_file.metadata:
+                check_version(self._bb_file.metadata[META_VERSION], str(self._backbone_path))
+        except BaseException:
+            self._bb_file.close()
+            raise
+        self._bb_verified = False
+        self._base_shapes = {k: (i.shape, i.dtype) for k, i in self._bb_file.tensors.items()}
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- members -----------------------------------------------------------------------------------------
+    @property
+    def members(self) -> list[str]:
+        return [m.name for m in self.manifest.members]
+
+    def member(self, name: str) -> MemberEntry:
+        return self.manifest.member(name)
+
+    def _verify_backbone(self) -> None:
+        if not self._bb_verified:
+            got = sha256_file(self._backbone_path)
+            if got != self.manifest.backbone.sha256:
+                raise IntegrityError(
+                    f"{self._backbone_path}: sha256 {got[:16]}..., the manifest records "
+                    f"{self.manifest.backbone.sha256[:16]}...; the backbone was modified or replaced"
+                )
+            self._bb_verified = True
+
+    def open_delta(self, name: str) -> DeltaFile:
+        """The member's delta, its sha256 checked and its backbone digest matched to this family's backbone."""
+        entry = self.member(name)
+        path = resolve_inside(self.root, entry.delta.path, "delta")
+        entry.delta.check_digest(self.root)
+        delta = DeltaFile(path, self._base_shapes, self.manifest.backbone.sha256)
+        listed = {t.name: (t.shape, t.dtype) for t in entry.tensors}
+        recorded = {r.name: (r.shape, r.dtype) for r in delta.records.values()}
+        if listed != recorded:
+            delta.close()
+            diff = sorted(set(listed.items()) ^ set(recorded.items()))[0][0]
+            raise FormatError(
+                f"{path}: the records and the manifest's tensor list of {name!r} disagree (first: {diff!r})"
+            )
+        return delta
+
+    # -- backbone ----------------------------------------------------------------------------------------
+    def backbone(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Every backbone tensor on ``device``, loaded once per device and cached (digest checked first)."""
+        key = str(torch.device(device))
+        if key not in self._cache:
+            self._verify_backbone()
+            self._cache[key] = {
+                k: from_storage(self._bb_file.numpy(k), info.dtype).to(device) for k, info in self._bb_file.tensors.items()
+            }
+        return self._cache[key]
+
+    def release(self, device: str | torch.device = "cpu") -> None:
+        """Drop the cached backbone of ``device``."""
+        self._cache.pop(str(torch.device(device)), None)
+
+    def _base_tensor(self, name: str, device: str | torch.device) -> torch.Tensor:
+        key = str(torch.device(device))
+        if key in self._cache:
+            return self._cache[key][name]
+        self._verify_backbone()
+        info = self._bb_file.tensors[name]
+        return from_storage(self._bb_file.numpy(name), info.dtype).to(device)
+
+    # -- rebuilding --------------------------------------------------------------------------------------
+    def iter_tensors(
+        self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Rebuild member ``name`` one tensor at a time, in the member's original tensor order."""
+        entry = self.member(name)
+        with self.open_delta(name) as delta:
+            for meta in entry.tensors:
+                rec = delta.records[meta.name]
+                t = self._rebuild(delta, rec, device)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                yield meta.name, t
+
+    def _rebuild(self, delta: DeltaFile, rec: Record, device: str | torch.device) -> torch.Tensor:
+        base = self._base_tensor(rec.base, device) if rec.base is not None else None
+        where = f"{delta.file.path}: tensor {rec.name!r}"
+
+        def load(spec: PartSpec) -> torch.Tensor:
+            return from_storage(read_part(delta.file, spec, where), spec.dtype).to(device)
+
+        try:
+            return reconstruct(rec, base, load, device)
+        except WfactorError as exc:
+            if str(delta.file.path) in exc.message:
+                raise
+            raise type(exc)(f"{where}: {exc.message}") from None
+
+    def state_dict(
+        self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Member ``name`` rebuilt on ``device`` (arithmetic runs there). ``dtype`` casts floating tensors."""
+        return dict(self.iter_tensors(name, device, dtype))
+
+    def materialize(self, name: str, out: str | os.PathLike[str], force: bool = False) -> Path:
+        """Write ``out/model.safetensors`` (original names, dtypes, order) plus the member's config files."""
+        out = Path(out)
+        entry = self.member(name)
+        if out.exists() and any(out.iterdir()) and not force:
+            raise WfactorError(f"{out}: exists and is not empty; choose another -o or pass --force")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp_files: list[tuple[Path, Path]] = []
+        target = out / "model.safetensors"
+        tmp = out / ".model.safetensors.tmp"
+        with self.open_delta(name) as delta:
+            entries = [Entry(t.name, t.dtype, t.shape) for t in entry.tensors]
+
+            def produce(e: Entry) -> bytes:
+                rec = delta.records[e.name]
+                return to_storage(self._rebuild(delta, rec, "cpu")).tobytes()
+
+            try:
+                write_streaming(tmp, entries, produce, {"format": "pt"})
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        tmp_files.append((tmp, target))
+        for ref in entry.aux_files:
+            src = ref.check_digest(self.root)
+            dst = out / Path(ref.path).name
+            t = out / f".{dst.name}.tmp"
+            shutil.copyfile(src, t)
+            tmp_files.append((t, dst))
+        for t, dst in tmp_files:
+            os.replace(t, dst)
+        return target
+
+    # -- verification ------------------------------------------------------------------------------------
+    def verify(
+        self,
+        against: dict[str, str] | None = None,
+        on_tensor: Callable[[str, str], None] | None = None,
+    ) -> VerifyReport:
+        """Check every digest and decode every record; with ``against`` {member: path}, compare with originals."""
+        from .sources import open_source
+
+        report = VerifyReport()
+        try:
+            self._verify_backbone()
+            report.checked_files.append(self.manifest.backbone.path)
+        except IntegrityError as exc:
+            report.problems.append(exc.message)
+            return report
+        for m in self.manifest.members:
+            try:
+                with self.open_delta(m.name):
+                    pass
+                for ref in m.aux_files:
+                    ref.check_digest(self.root)
+                report.checked_files += [m.delta.path] + [a.path for a in m.aux_files]
+            except WfactorError as exc:
+                report.problems.append(exc.message)
+        if report.problems:
+            return report
+        against = against or {}
+        unknown = set(against) - set(self.members)
+        for u in sorted(unknown):
+            report.problems.append(f"--against {u}=...: no member named {u!r} (members: {', '.join(self.members)})")
+        for m in self.manifest.members:
+            src = open_source(against[m.name], name=m.name) if m.name in against else None
+            try:
+                self._verify_member(m, src, report, on_tensor)
+            except WfactorError as exc:
+                report.problems.append(exc.message)
+            finally:
+                if src is not None:
+                    src.close()
+        return report
+
+    def _verify_member(self, m: MemberEntry, src: Any, report: VerifyReport, on_tensor: Any) -> None:
+        from .plan import measure
+
+        with self.open_delta(m.name) as delta:
+            if src is not None:
+                names = {t.name for t in m.tensors}
+                for extra in sorted(set(src.keys()) - names):
+                    report.problems.append(f"{m.name}: tensor {extra!r} is in {src.path} but not in the family")
+                for missing in sorted(names - set(src.keys())):
+                    report.problems.append(f"{m.name}: tensor {missing!r} is in the family but not in {src.path}")
+            for meta in m.tensors:
+                rec = delta.records[meta.name]
+                y = self._rebuild(delta, rec, "cpu")
+                report.tensors += 1
+                if on_tensor:
+                    on_tensor(m.name, meta.name)
+                if src is None or meta.name not in src:
+                    continue
+                orig = src.tensor(meta.name)
+                if orig.dtype != y.dtype or tuple(orig.shape) != tuple(y.shape):
+                    report.problems.append(
+                        f"{m.name}: tensor {meta.name!r} is {list(orig.shape)} x {orig.dtype} in {src.path}, "
+                        f"rebuilt {list(y.shape)} x {y.dtype}"
+                    )
+                    continue
+                report.compared += 1
+                recorded = rec.error.get("rel_l2", 0.0)
+                if recorded == 0.0:
+                    if not bitwise_equal(orig, y):
+                        report.problems.append(f"{m.name}: tensor {meta.name!r} was recorded exact but differs")
+                    continue
+                err = measure(y, orig)["rel_l2"]
+                report.worst[m.name] = max(report.worst.get(m.name, 0.0), err)
+                if err > recorded * 1.01 + 1e-7:
+                    report.problems.append(
+                        f"{m.name}: tensor {meta.name!r} rel error {err:.3g} exceeds the recorded {recorded:.3g}"
+                    )
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._bb_file.close()
+
+    def __enter__(self) -> Family:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class VerifyReport:
+    checked_files: list[str] = field(default_factory=list)
+    tensors: int = 0
+    compared: int = 0
+    worst: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked_files": self.checked_files,
+            "tensors_rebuilt": self.tensors,
+            "tensors_compared": self.compared,
+            "worst_rel_error": self.worst,
+            "problems": self.problems,
+        }
+
+
+def open_family(path: str | os.PathLike[str]) -> Family:
+    """Open a family directory (see :class:`Family`)."""
+    return Family(path)
+
+
+def describe_delta(path: Path) -> DeltaFile:
+    """Open a delta file on its own (``inspect FILE``): structure checks only, no backbone needed."""
+    with SafetensorsFile(path) as f:
+        if f.metadata.get(META_KIND) != "delta":
+            raise NotFoundError(f"{path}: neither a wfactor family directory nor a delta file")
+    return DeltaFile(path, None, None)

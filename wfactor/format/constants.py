@@ -1,0 +1,62 @@
+"""File names, version numbers and numeric limits of the wfactor format (spec/FORMAT.md, section 7)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "wfactor.json"
+MANIFEST_FORMAT = "wfactor.family"
+BACKBONE_NAME = "backbone.safetensors"
+DELTAS_DIR = "deltas"
+AUX_DIR = "aux"
+
+# Metadata keys in a delta file's safetensors __metadata__.
+META_VERSION = "wfactor.format_version"
+META_KIND = "wfactor.kind"
+META_MEMBER = "wfactor.member"
+META_BACKBONE = "wfactor.backbone_sha256"
+META_RECORDS = "wfactor.records"
+
+# Limits (spec section 7). Checked before anything is allocated.
+MAX_SAFETENSORS_HEADER = 64 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_TENSORS = 1_000_000
+MAX_NDIM = 8
+MAX_NUMEL = 1 << 40
+MAX_NAME_BYTES = 1024
+MAX_KEY_BYTES = 1280  # safetensors keys: part keys are a tensor name plus a short suffix
+MAX_MEMBERS = 10_000
+MAX_TERMS = 8
+MIN_BITS, MAX_BITS = 2, 8
+
+MEMBER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# safetensors dtype string -> (numpy storage dtype, itemsize). BF16 has no numpy type: it is carried as
+# uint16 bit patterns and only torch (or a reader's own code) gives it meaning.
+DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "F64": (np.dtype("<f8"), 8),
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),
+    "I64": (np.dtype("<i8"), 8),
+    "I32": (np.dtype("<i4"), 4),
+    "I16": (np.dtype("<i2"), 2),
+    "I8": (np.dtype("i1"), 1),
+    "U8": (np.dtype("u1"), 1),
+    "BOOL": (np.dtype("?"), 1),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+PART_ENCODINGS = frozenset({"raw", "zstd", "zstd_planes"})
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype][1]
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype reconstruction arithmetic runs in for a target dtype (spec section 5.1)."""
+    return "F64" if dtype == "F64" else "F32"

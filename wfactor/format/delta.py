@@ -1,0 +1,89 @@
+"""Opening a delta file: its metadata, version, backbone digest and records (spec/FORMAT.md section 4)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import BackboneMismatchError, FormatError, LimitError, VersionError
+from .constants import (
+    FORMAT_VERSION,
+    MAX_TENSORS,
+    META_BACKBONE,
+    META_KIND,
+    META_MEMBER,
+    META_RECORDS,
+    META_VERSION,
+    SHA256_RE,
+)
+from .records import Record, record_from_json
+from .safetensors_io import SafetensorsFile, loads_strict
+
+
+def check_version(ver: str | None, where: str) -> None:
+    """A safetensors ``wfactor.format_version``: a positive decimal integer no newer than ours (spec 8)."""
+    if ver is None or not re.fullmatch(r"[1-9][0-9]{0,8}", ver):
+        raise FormatError(f"{where}: {META_VERSION} must be a positive decimal integer, found {ver!r}")
+    if int(ver) > FORMAT_VERSION:
+        raise VersionError(f"{where}: file is v{int(ver)}; this reader supports up to v{FORMAT_VERSION}")
+
+
+class DeltaFile:
+    """A validated delta file. ``records`` is in file order; every part key it names exists."""
+
+    def __init__(self, path: Path, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, backbone_sha256: str | None):
+        self.file = SafetensorsFile(path)
+        try:
+            self._parse(base_shapes, backbone_sha256)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _parse(self, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, backbone_sha256: str | None) -> None:
+        meta = self.file.metadata
+        where = str(self.file.path)
+        if meta.get(META_KIND) != "delta":
+            raise FormatError(f"{where}: not a wfactor delta ({META_KIND} is {meta.get(META_KIND)!r}, expected 'delta')")
+        check_version(meta.get(META_VERSION), where)
+        digest = meta.get(META_BACKBONE, "")
+        if not SHA256_RE.match(digest):
+            raise FormatError(f"{where}: {META_BACKBONE} must be 64 lowercase hex digits")
+        if backbone_sha256 is not None and digest != backbone_sha256:
+            raise BackboneMismatchError(
+                f"{where}: this delta was written for backbone sha256 {digest[:16]}..., "
+                f"but the backbone is {backbone_sha256[:16]}...; refusing to rebuild against another backbone"
+            )
+        self.backbone_sha256 = digest
+        self.member = meta.get(META_MEMBER, "")
+        try:
+            raw = loads_strict(meta.get(META_RECORDS, ""))
+        except ValueError as exc:
+            raise FormatError(f"{where}: {META_RECORDS} is not valid JSON ({exc})") from None
+        if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
+            raise LimitError(f"{where}: {META_RECORDS} must be a list of at most {MAX_TENSORS} records")
+        records: dict[str, Record] = {}
+        used: set[str] = set()
+        for obj in raw:
+            rec = record_from_json(obj, base_shapes, where)
+            if rec.name in records:
+                raise FormatError(f"{where}: tensor {rec.name!r} has two records")
+            for spec in rec.part_specs():
+                if spec.key not in self.file.tensors:
+                    raise FormatError(f"{where}: tensor {rec.name!r} names part {spec.key!r}, which is not in the file")
+                if spec.key in used:
+                    raise FormatError(f"{where}: part {spec.key!r} is used by two records")
+                used.add(spec.key)
+            records[rec.name] = rec
+        stray = sorted(set(self.file.tensors) - used)
+        if stray:
+            raise FormatError(f"{where}: tensor {stray[0]!r} is not a part of any record ({len(stray)} such)")
+        self.records = records
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> DeltaFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

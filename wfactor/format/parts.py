@@ -1,0 +1,132 @@
+"""Stored parts: how a codec's arrays are kept in a delta file (spec/FORMAT.md section 4.3).
+
+A part is described by ``{"key", "dtype", "shape", "encoding"}``. ``raw`` stores the array itself;
+``zstd`` stores one zstd frame of its little-endian bytes; ``zstd_planes`` stores one zstd frame of its
+bytes regrouped into byte planes (byte j of every element, for j = 0 .. itemsize-1), which lets zstd find
+the structure of floating-point data (exponents compress, low mantissa bytes do not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from ..errors import CodecError, LimitError
+from .constants import DTYPES, PART_ENCODINGS
+from .safetensors_io import SafetensorsFile, check_shape
+
+ZSTD_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    encoding: str
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "dtype": self.dtype, "shape": list(self.shape), "encoding": self.encoding}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> PartSpec:
+        if not isinstance(obj, dict):
+            raise CodecError(f"{where}: a part must be an object with key, dtype, shape, encoding")
+        key, dtype, enc = obj.get("key"), obj.get("dtype"), obj.get("encoding")
+        if not isinstance(key, str):
+            raise CodecError(f"{where}: part key must be a string")
+        if dtype not in DTYPES:
+            raise CodecError(f"{where}: part dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if enc not in PART_ENCODINGS:
+            raise CodecError(f"{where}: part encoding {enc!r} is not one of {sorted(PART_ENCODINGS)}")
+        return cls(key, dtype, check_shape(obj.get("shape"), where), enc)
+
+
+def to_planes(raw: bytes, size: int) -> bytes:
+    if size == 1:
+        return raw
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, size).T.tobytes()
+
+
+def from_planes(raw: bytes, size: int) -> bytes:
+    if size == 1:
+        return raw
+    return np.frombuffer(raw, dtype=np.uint8).reshape(size, -1).T.tobytes()
+
+
+def storage_array(arr: np.ndarray, dtype: str) -> np.ndarray:
+    want = DTYPES[dtype][0]
+    if arr.dtype != want:
+        raise AssertionError(f"array of {arr.dtype} stored as {dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def encode_part(key: str, arr: np.ndarray, dtype: str, encoding: str, level: int = ZSTD_LEVEL) -> tuple[PartSpec, np.ndarray]:
+    """(spec, stored array) for one part. The stored array is what goes into the safetensors file."""
+    arr = storage_array(arr, dtype)
+    spec = PartSpec(key, dtype, tuple(arr.shape), encoding)
+    if encoding == "raw":
+        return spec, arr
+    raw = arr.tobytes()
+    if encoding == "zstd_planes":
+        raw = to_planes(raw, DTYPES[dtype][1])
+    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    return spec, np.frombuffer(frame, dtype=np.uint8)
+
+
+def decode_zstd_frame(frame: bytes, expected: int, where: str) -> bytes:
+    """Decode exactly one zstd frame of exactly ``expected`` bytes; never allocate more (no bombs)."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{where}: not a zstd frame ({exc})") from None
+    if declared != expected:
+        raise LimitError(
+            f"{where}: zstd frame declares {declared} decoded bytes, the part needs {expected}; refusing to decode"
+        )
+    if expected == 0:
+        return b""
+    dobj = zstandard.ZstdDecompressor().decompressobj(write_size=expected)
+    try:
+        out = dobj.decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{where}: corrupt zstd frame ({exc})") from None
+    if not dobj.eof or dobj.unused_data or len(out) != expected:
+        raise CodecError(f"{where}: zstd frame is truncated, has trailing bytes, or decodes to the wrong size")
+    return out
+
+
+def read_part_array(spec: PartSpec, stored: np.ndarray, where: str) -> np.ndarray:
+    """Decode a part from its stored array (what the safetensors file holds under ``spec.key``)."""
+    if spec.encoding == "raw":
+        return stored.reshape(spec.shape).copy()
+    raw = decode_zstd_frame(stored.tobytes(), spec.nbytes, f"{where}: part {spec.key!r}")
+    if spec.encoding == "zstd_planes":
+        raw = from_planes(raw, DTYPES[spec.dtype][1])
+    return np.frombuffer(raw, dtype=DTYPES[spec.dtype][0]).reshape(spec.shape).copy()
+
+
+def read_part(f: SafetensorsFile, spec: PartSpec, where: str) -> np.ndarray:
+    """Read and decode one part into a writable numpy array of ``spec.dtype`` storage and ``spec.shape``."""
+    if spec.key not in f.tensors:
+        raise CodecError(f"{where}: part {spec.key!r} is not in the file")
+    info = f.tensors[spec.key]
+    if spec.encoding == "raw":
+        if info.dtype != spec.dtype or info.shape != spec.shape:
+            raise CodecError(
+                f"{where}: part {spec.key!r} is stored as {list(info.shape)} x {info.dtype}, "
+                f"the record says {list(spec.shape)} x {spec.dtype}"
+            )
+    elif info.dtype != "U8" or len(info.shape) != 1:
+        raise CodecError(f"{where}: compressed part {spec.key!r} must be stored as a 1-D U8 tensor")
+    return read_part_array(spec, f.numpy(spec.key), where)

@@ -1,0 +1,187 @@
+"""Per-tensor records of a delta file (spec/FORMAT.md section 4) and their structural validation.
+
+Validation here needs only the record and the backbone's shapes; checks that need the stored values
+(sparse indices in range, quant codes within the bit width) run when the part is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CodecError, LimitError
+from .constants import DTYPES, FLOAT_DTYPES, MAX_BITS, MAX_TERMS, MIN_BITS
+from .parts import PartSpec
+from .safetensors_io import check_name, check_shape
+
+CODECS = ("dense", "lowrank", "sparse", "quant")
+FACTOR_DTYPES = ("F16", "BF16", "F32")
+
+
+def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The matrix view of a tensor: rows = first dimension, cols = product of the rest (1-D: one row)."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+@dataclass
+class Term:
+    codec: str
+    params: dict[str, Any]
+    parts: dict[str, PartSpec]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "codec": self.codec,
+            "params": dict(self.params),
+            "parts": {role: p.to_json() for role, p in sorted(self.parts.items())},
+        }
+
+
+@dataclass
+class Record:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    base: str | None
+    terms: list[Term] = field(default_factory=list)
+    residual: PartSpec | None = None
+    error: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def codec(self) -> str:
+        """A one-word summary used in reports: identical, base, dense, lowrank+quant, ..., with +residual."""
+        if not self.terms:
+            words = ["identical" if self.residual is None and self.error.get("rel_l2", 0.0) == 0.0 else "base"]
+        else:
+            words = [t.codec for t in self.terms]
+        if self.residual is not None:
+            words.append("residual")
+        return "+".join(words)
+
+    def part_specs(self) -> list[PartSpec]:
+        specs = [p for t in self.terms for p in t.parts.values()]
+        if self.residual is not None:
+            specs.append(self.residual)
+        return specs
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "base": self.base}
+        out["terms"] = [t.to_json() for t in self.terms]
+        out["residual"] = self.residual.to_json() if self.residual is not None else None
+        # RFC 8259 JSON has no NaN/Infinity: a non-finite error is written as null
+        out["error"] = {k: (v if math.isfinite(v) else None) for k, v in self.error.items()}
+        return out
+
+
+def _int_param(params: dict[str, Any], key: str, where: str) -> int:
+    v = params.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise CodecError(f"{where}: parameter {key!r} must be an integer, found {v!r}")
+    return v
+
+
+def _expect(part: PartSpec, where: str, role: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
+    if part.shape != shape or part.dtype not in dtypes:
+        raise CodecError(
+            f"{where}: part {role!r} must be {list(shape)} x {'|'.join(dtypes)}, "
+            f"found {list(part.shape)} x {part.dtype}"
+        )
+
+
+def validate_term(term: Term, shape: tuple[int, ...], dtype: str, where: str) -> None:
+    roles = set(term.parts)
+    m, n = rows_cols(shape)
+    if term.codec == "dense":
+        if roles != {"values"}:
+            raise CodecError(f"{where}: dense needs exactly the part 'values', found {sorted(roles)}")
+        _expect(term.parts["values"], where, "values", shape, (dtype,))
+    elif term.codec == "lowrank":
+        if roles != {"u", "v"}:
+            raise CodecError(f"{where}: lowrank needs exactly the parts 'u' and 'v', found {sorted(roles)}")
+        if len(shape) < 2:
+            raise CodecError(f"{where}: lowrank needs a tensor of at least 2 dimensions, found {list(shape)}")
+        r = _int_param(term.params, "rank", where)
+        if not 1 <= r <= min(m, n):
+            raise CodecError(f"{where}: lowrank rank {r} must lie in 1..{min(m, n)} for shape {list(shape)}")
+        _expect(term.parts["u"], where, "u", (m, r), FACTOR_DTYPES)
+        _expect(term.parts["v"], where, "v", (r, n), FACTOR_DTYPES)
+    elif term.codec == "sparse":
+        if roles != {"indices", "values"}:
+            raise CodecError(f"{where}: sparse needs exactly the parts 'indices' and 'values', found {sorted(roles)}")
+        k = _int_param(term.params, "count", where)
+        if not 0 <= k <= m * n:
+            raise CodecError(f"{where}: sparse count {k} must lie in 0..{m * n}")
+        _expect(term.parts["indices"], where, "indices", (k,), ("I64",))
+        _expect(term.parts["values"], where, "values", (k,), FACTOR_DTYPES)
+    elif term.codec == "quant":
+        if roles != {"codes", "scales"}:
+            raise CodecError(f"{where}: quant needs exactly the parts 'codes' and 'scales', found {sorted(roles)}")
+        bits = _int_param(term.params, "bits", where)
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise CodecError(f"{where}: quant bits {bits} must lie in {MIN_BITS}..{MAX_BITS}")
+        _expect(term.parts["codes"], where, "codes", (m, n), ("I8",))
+        _expect(term.parts["scales"], where, "scales", (m,), ("F32",))
+    else:
+        raise CodecError(f"{where}: unknown codec {term.codec!r}; this reader knows {', '.join(CODECS)}")
+
+
+def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, where: str) -> Record:
+    """Parse and structurally validate one record against the backbone's {name: (shape, dtype)}.
+
+    ``base_shapes=None`` (a delta inspected without its backbone) skips the checks against the backbone."""
+    if not isinstance(obj, dict):
+        raise CodecError(f"{where}: each record must be a JSON object")
+    name = check_name(obj.get("name"), where)
+    where = f"{where}: tensor {name!r}"
+    shape = check_shape(obj.get("shape"), where)
+    dtype = obj.get("dtype")
+    if dtype not in DTYPES:
+        raise CodecError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    base = obj.get("base")
+    if base is not None and not isinstance(base, str):
+        raise CodecError(f"{where}: base must be a tensor name or null")
+    if base is not None and base_shapes is not None:
+        if base not in base_shapes:
+            raise CodecError(f"{where}: base tensor {base!r} is not in the backbone")
+        bshape, bdtype = base_shapes[base]
+        if len(bshape) != len(shape):
+            raise CodecError(f"{where}: base {base!r} has {len(bshape)} dimensions, the tensor {len(shape)}")
+        if (dtype in FLOAT_DTYPES) != (bdtype in FLOAT_DTYPES) or (dtype not in FLOAT_DTYPES and dtype != bdtype):
+            raise CodecError(f"{where}: base {base!r} is {bdtype}; a {dtype} tensor cannot be predicted from it")
+    raw_terms = obj.get("terms", [])
+    if not isinstance(raw_terms, list) or len(raw_terms) > MAX_TERMS:
+        raise LimitError(f"{where}: terms must be a list of at most {MAX_TERMS}")
+    terms: list[Term] = []
+    for t in raw_terms:
+        if not isinstance(t, dict) or not isinstance(t.get("parts"), dict) or not isinstance(t.get("params", {}), dict):
+            raise CodecError(f"{where}: each term must be an object with codec, params and parts")
+        parts = {str(r): PartSpec.from_json(p, f"{where}: part {r!r}") for r, p in t["parts"].items()}
+        term = Term(str(t.get("codec")), dict(t.get("params", {})), parts)
+        validate_term(term, shape, dtype, where)
+        terms.append(term)
+    if dtype not in FLOAT_DTYPES and any(t.codec != "dense" for t in terms):
+        raise CodecError(f"{where}: a {dtype} tensor may only use the dense codec")
+    if any(t.codec == "dense" for t in terms) and (len(terms) != 1 or base is not None):
+        raise CodecError(f"{where}: a dense term must be the only term, with base null")
+    if base is None and not terms:
+        raise CodecError(f"{where}: a record without a base needs a dense term")
+    residual = None
+    if obj.get("residual") is not None:
+        residual = PartSpec.from_json(obj["residual"], f"{where}: residual")
+        _expect(residual, where, "residual", shape, (dtype,))
+        if any(t.codec == "lowrank" for t in terms):
+            raise CodecError(f"{where}: a residual cannot follow a lowrank term (its rounding is not reproducible)")
+    err = obj.get("error", {})
+    if not isinstance(err, dict):
+        raise CodecError(f"{where}: error must be an object")
+    error = {k: float(v) for k, v in err.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rec = Record(name, shape, dtype, base, terms, residual, error)
+    keys = [p.key for p in rec.part_specs()]
+    if len(set(keys)) != len(keys):
+        raise CodecError(f"{where}: two parts share one key")
+    return rec

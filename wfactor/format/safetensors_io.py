@@ -1,0 +1,303 @@
+"""A validating safetensors reader and a streaming writer, independent of torch.
+
+Everything wfactor reads from a family goes through :class:`SafetensorsFile`, so the limits of
+spec/FORMAT.md section 7 are enforced in one place, before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..errors import LimitError, NotFoundError, NotSafetensorsError
+from .constants import DTYPES, MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_SAFETENSORS_HEADER, MAX_TENSORS
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """json.loads that rejects duplicate keys (spec 7: a duplicate key makes a file invalid)."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
+def check_shape(shape: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise LimitError(f"{where}: shape must be a list of at most {MAX_NDIM} dimensions, found {shape!r}")
+    numel = 1
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise LimitError(f"{where}: dimensions must be non-negative integers, found {shape!r}")
+        numel *= d
+        if numel > MAX_NUMEL:
+            raise LimitError(f"{where}: {shape} has more than {MAX_NUMEL} elements (limit)")
+    return tuple(shape)
+
+
+def check_name(name: Any, where: str, limit: int = MAX_NAME_BYTES) -> str:
+    if not isinstance(name, str) or not name or len(name.encode("utf-8")) > limit:
+        raise LimitError(f"{where}: tensor names are 1..{limit} UTF-8 bytes, found {name!r:.80}")
+    return name
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file. Use as a context manager or call close()."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._fh: BinaryIO = open(self.path, "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise NotSafetensorsError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        try:
+            self._parse()
+        except BaseException:
+            self._fh.close()
+            raise
+        self._mm: mmap.mmap | None = None
+
+    def _parse(self) -> None:
+        size = os.fstat(self._fh.fileno()).st_size
+        head = self._fh.read(8)
+        if len(head) < 8:
+            raise NotSafetensorsError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_SAFETENSORS_HEADER:
+            raise NotSafetensorsError(
+                f"{self.path}: not a safetensors file, or its header declares {n} bytes "
+                f"(limit {MAX_SAFETENSORS_HEADER})"
+            )
+        if 8 + n > size:
+            raise NotSafetensorsError(f"{self.path}: header length {n} runs past the end of the file ({size} bytes)")
+        raw = self._fh.read(n)
+        try:
+            header = loads_strict(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise NotSafetensorsError(f"{self.path}: not a safetensors file (header is not valid JSON: {exc})") from None
+        if not isinstance(header, dict):
+            raise NotSafetensorsError(f"{self.path}: safetensors header must be a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise NotSafetensorsError(f"{self.path}: __metadata__ must map strings to strings")
+        if len(header) > MAX_TENSORS:
+            raise LimitError(f"{self.path}: {len(header)} tensors (limit {MAX_TENSORS})")
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        infos: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            check_name(name, str(self.path), MAX_KEY_BYTES)
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
+                raise NotSafetensorsError(f"{where}: entry must hold dtype, shape and data_offsets")
+            dtype = entry.get("dtype")
+            if dtype not in DTYPES:
+                raise NotSafetensorsError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+            shape = check_shape(entry.get("shape"), where)
+            offs = entry.get("data_offsets")
+            if (
+                not isinstance(offs, list)
+                or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            ):
+                raise NotSafetensorsError(f"{where}: data_offsets must be two integers")
+            begin, end = offs
+            info = TensorInfo(name, dtype, shape, begin, end)
+            if not 0 <= begin <= end <= data_len or end - begin != info.numel * DTYPES[dtype][1]:
+                raise NotSafetensorsError(
+                    f"{where}: data_offsets {offs} do not fit its shape {list(shape)} x {dtype} "
+                    f"inside the {data_len}-byte data section"
+                )
+            infos[name] = info
+        pos = 0
+        for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+            if info.begin != pos:
+                raise NotSafetensorsError(
+                    f"{self.path}: tensor data must be contiguous and non-overlapping; "
+                    f"{info.name!r} starts at {info.begin}, expected {pos}"
+                )
+            pos = info.end
+        if pos != data_len:
+            raise NotSafetensorsError(f"{self.path}: {data_len - pos} bytes after the last tensor (must be none)")
+        self.metadata: dict[str, str] = meta
+        self.tensors: dict[str, TensorInfo] = infos
+        self.size = size
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None  # type: ignore[assignment]
+        assert self._mm is not None
+        return self._mm
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise NotFoundError(f"{self.path}: no tensor named {name!r}") from None
+
+    def read_bytes(self, name: str) -> bytes:
+        """A private copy of one tensor's bytes."""
+        info = self.info(name)
+        if info.nbytes == 0:
+            return b""
+        mm = self._map()
+        return mm[self.data_start + info.begin : self.data_start + info.end]
+
+    def numpy(self, name: str) -> np.ndarray:
+        """A writable copy of one tensor as numpy (BF16 comes back as uint16 bit patterns)."""
+        info = self.info(name)
+        arr = np.frombuffer(self.read_bytes(name), dtype=DTYPES[info.dtype][0]).copy()
+        return arr.reshape(info.shape)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self._fh.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def layout(entries: Iterable[Entry]) -> list[Entry]:
+    """The order tensors are laid out in: larger items first (keeps every tensor aligned), then by name."""
+    return sorted(entries, key=lambda e: (-DTYPES[e.dtype][1], e.name))
+
+
+def header_bytes(entries: list[Entry], metadata: dict[str, str] | None) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    pos = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_streaming(
+    path: Path,
+    entries: list[Entry],
+    produce: Callable[[Entry], bytes | memoryview],
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Write a safetensors file whose shapes are known up front, asking ``produce`` for one tensor at a time."""
+    ordered = layout(entries)
+    with open(path, "wb") as fh:
+        fh.write(header_bytes(ordered, metadata))
+        for e in ordered:
+            data = produce(e)
+            if len(data) != e.nbytes:
+                raise AssertionError(f"{e.name}: produced {len(data)} bytes, expected {e.nbytes}")
+            fh.write(data)
+            if on_bytes:
+                on_bytes(len(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class SpoolWriter:
+    """Collects tensors whose shapes are not known up front in a spool file, then writes the final file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._spool = tempfile.TemporaryFile(dir=path.parent)
+        self._where: dict[str, tuple[Entry, int]] = {}
+        self._pos = 0
+
+    def add(self, name: str, dtype: str, shape: tuple[int, ...], data: bytes | memoryview) -> None:
+        if name in self._where:
+            raise AssertionError(f"duplicate tensor {name!r}")
+        entry = Entry(name, dtype, tuple(shape))
+        if len(data) != entry.nbytes:
+            raise AssertionError(f"{name}: {len(data)} bytes for {shape} x {dtype}")
+        self._spool.write(data)
+        self._where[name] = (entry, self._pos)
+        self._pos += len(data)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return (e for e, _ in self._where.values())
+
+    def finish(self, metadata: dict[str, str] | None) -> None:
+        ordered = layout(e for e, _ in self._where.values())
+        self._spool.flush()
+        with open(self.path, "wb") as fh:
+            fh.write(header_bytes(ordered, metadata))
+            for e in ordered:
+                self._spool.seek(self._where[e.name][1])
+                remaining = e.nbytes
+                while remaining:
+                    chunk = self._spool.read(min(remaining, 16 << 20))
+                    fh.write(chunk)
+                    remaining -= len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._spool.close()
+
+    def abort(self) -> None:
+        self._spool.close()
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

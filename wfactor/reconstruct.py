@@ -1,0 +1,89 @@
+"""Reconstruction of one member tensor from its backbone tensor and its record (spec/FORMAT.md section 5).
+
+    X = cast_C(view(B));  X = X + term_1 ... + term_k;  Y = round_T(X);  Y = Y XOR R  (if a residual)
+
+``view`` copies the overlapping leading block of B into zeros of the target's shape (a grown vocabulary
+shares the base's rows). Everything runs on the device of the base tensor / the requested device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .codecs import residual as residual_codec
+from .codecs.registry import decode_term
+from .errors import CodecError
+from .format.parts import PartSpec
+from .format.records import Record
+from .tensors import TORCH_DTYPES, compute_torch_dtype
+
+PartLoader = Callable[[PartSpec], torch.Tensor]
+
+
+def base_view(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """cast(B) resized to ``shape``: the common leading block is B's, the rest is zero."""
+    if tuple(base.shape) == tuple(shape):
+        return base.to(dtype)
+    out = torch.zeros(shape, dtype=dtype, device=base.device)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(base.shape, shape))
+    out[region] = base[region].to(dtype)
+    return out
+
+
+_CANONICAL_NAN = {
+    torch.float64: (torch.int64, 0x7FF8000000000000),
+    torch.float32: (torch.int32, 0x7FC00000),
+    torch.float16: (torch.int16, 0x7E00),
+    torch.bfloat16: (torch.int16, 0x7FC0),
+}
+
+
+def canonical_nan(y: torch.Tensor) -> torch.Tensor:
+    """Every NaN becomes the canonical quiet NaN of its dtype (spec 5.1 step 3): NaN payloads after
+    arithmetic and casts differ between devices and libraries; the residual restores the original ones."""
+    if not y.is_floating_point():
+        return y
+    nan = torch.isnan(y)
+    if not bool(nan.any()):
+        return y
+    ity, bits = _CANONICAL_NAN[y.dtype]
+    canon = torch.tensor(bits, dtype=ity, device=y.device).view(y.dtype)
+    return torch.where(nan, canon, y)
+
+
+def predict(
+    record: Record, base: torch.Tensor | None, load: PartLoader, device: torch.device | str
+) -> torch.Tensor:
+    """round_T(cast_C(view(B)) + terms): the record's prediction in the target dtype, before any residual."""
+    target = TORCH_DTYPES[record.dtype]
+    cdtype = compute_torch_dtype(record.dtype) if target.is_floating_point else target
+    if not record.terms:
+        assert base is not None
+        if base.dtype == target:  # exact: no cast at all, and the backbone's own storage when shapes agree
+            return base_view(base.to(device), record.shape, target)
+        return canonical_nan(base_view(base.to(device), record.shape, cdtype).to(target))
+    if record.terms[0].codec == "dense":  # Y = values, bit for bit (spec 5.1): no arithmetic at all
+        spec = record.terms[0].parts["values"]
+        return load(spec).reshape(record.shape)
+    x: torch.Tensor | None = None
+    if base is not None:
+        x = base_view(base.to(device), record.shape, cdtype)
+    for term in record.terms:
+        parts = {role: load(spec) for role, spec in term.parts.items()}
+        t = decode_term(term.codec, parts, term.params, record.shape, cdtype)
+        x = t if x is None else x + t
+    assert x is not None
+    return canonical_nan(x.to(target))
+
+
+def reconstruct(
+    record: Record, base: torch.Tensor | None, load: PartLoader, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    y = predict(record, base, load, device)
+    if record.residual is not None:
+        y = residual_codec.apply(y, load(record.residual))
+        if y.dtype == torch.bool and bool((y.view(torch.uint8) > 1).any()):
+            raise CodecError("a BOOL residual produced bytes other than 0 and 1")
+    return y

@@ -1,0 +1,180 @@
+"""Turn a user's argument into a lazy tensor stream: a .safetensors file, or a model directory holding
+model.safetensors, a sharded model.safetensors.index.json, or a single *.safetensors file.
+
+Tensors are read one at a time through memory maps (never a whole model in memory), through the same
+validating reader that guards family files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, NotFoundError, NotSafetensorsError
+from .format.constants import MEMBER_NAME_RE
+from .format.safetensors_io import SafetensorsFile, TensorInfo, loads_strict
+from .tensors import TORCH_DTYPES, from_storage
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+AUX_MAX_BYTES = 64 << 20
+
+
+def default_member_name(path: Path) -> str:
+    stem = path.name if path.is_dir() else path.stem
+    if stem == "model" and not path.is_dir():
+        stem = path.parent.name
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or "member"
+    return name[:128]
+
+
+def split_spec(arg: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a plain PATH (even one containing '=') -> (None, PATH)."""
+    if "=" in arg and not Path(arg).exists():
+        name, path = arg.split("=", 1)
+        if MEMBER_NAME_RE.match(name):
+            return name, path
+        raise InputError(
+            f"{arg}: member name {name!r} must be letters, digits, '.', '_' or '-' (at most 128), "
+            "starting with a letter or digit"
+        )
+    return None, arg
+
+
+@dataclass
+class Source:
+    """One model: its tensors (lazy), their shards, and the config/tokenizer files beside them."""
+
+    name: str
+    path: Path
+    files: list[Path]
+    aux_files: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._open: dict[Path, SafetensorsFile] = {}
+        self._where: dict[str, tuple[Path, TensorInfo]] = {}
+        for f in self.files:
+            sf = SafetensorsFile(f)
+            self._open[f] = sf
+            for key, info in sf.tensors.items():
+                if key in self._where:
+                    raise InputError(f"{f}: tensor {key!r} also appears in {self._where[key][0]}; shards must not overlap")
+                self._where[key] = (f, info)
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._where[key][1]
+        except KeyError:
+            raise NotFoundError(f"{self.path}: no tensor named {key!r}") from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor, read from disk into a private CPU tensor of its stored dtype."""
+        f, info = self._where[key]
+        return from_storage(self._open[f].numpy(key), info.dtype)
+
+    def raw_bytes(self, key: str) -> bytes:
+        """One tensor's stored bytes, exactly as in the source file."""
+        f, _info = self._where[key]
+        return self._open[f].read_bytes(key)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self._where.values())
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        return TORCH_DTYPES[self.info(key).dtype]
+
+    def close(self) -> None:
+        for sf in self._open.values():
+            sf.close()
+        self._open.clear()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _aux_files(folder: Path, exclude: set[Path]) -> list[Path]:
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p in exclude or not p.is_file() or p.name == INDEX_NAME:
+            continue
+        if p.suffix in AUX_SUFFIXES and p.stat().st_size <= AUX_MAX_BYTES:
+            out.append(p)
+    return out
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        obj = loads_strict(index.read_text(encoding="utf-8"))
+        weight_map = obj["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        raise InputError(f"{index}: not a safetensors index (expected JSON with a \"weight_map\" object)") from None
+    names = sorted(set(weight_map.values()))
+    files = []
+    for n in names:
+        if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", ".."):
+            raise InputError(f"{index}: shard name {n!r} must be a plain file name in the same directory")
+        p = index.parent / n
+        if not p.is_file():
+            raise NotFoundError(f"{index}: shard {n} is missing")
+        files.append(p)
+    return files
+
+
+def open_source(arg: str, name: str | None = None) -> Source:
+    """Open ``[NAME=]PATH``. Raises a WfactorError with a one-line reason if it is not a usable model."""
+    spec_name, raw = split_spec(arg) if name is None else (name, arg)
+    path = Path(raw)
+    if not path.exists():
+        raise NotFoundError(f"{raw}: no such file or directory")
+    if path.is_dir():
+        index = path / INDEX_NAME
+        single = path / SINGLE_NAME
+        if single.is_file():
+            files = [single]
+        elif index.is_file():
+            files = _index_files(index)
+        else:
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) != 1:
+                what = "no" if not found else f"{len(found)}"
+                raise InputError(
+                    f"{path}: {what} .safetensors files; expected {SINGLE_NAME}, {INDEX_NAME} or exactly one "
+                    "*.safetensors (convert .bin checkpoints with safetensors first)"
+                )
+            files = found
+        aux = _aux_files(path, set(files))
+    else:
+        files = [path]
+        aux = []
+    try:
+        src = Source(spec_name or default_member_name(path), path, files, aux)
+    except NotSafetensorsError:
+        raise
+    return src
+
+
+def read_config(src: Source) -> dict[str, object] | None:
+    for p in src.aux_files:
+        if p.name == "config.json":
+            try:
+                obj = json.loads(p.read_text(encoding="utf-8"))
+                return obj if isinstance(obj, dict) else None
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
