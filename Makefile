@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m wfactor.demo
+	$(PY) fixtures/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests

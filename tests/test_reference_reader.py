@@ -17,7 +17,7 @@ import zstandard
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 FAMILY = ROOT / "fixtures" / "family"
-MEMBERS = ["full_ft", "top_ft", "lora", "bf16", "vocab_grown", "unrelated"]
+MEMBERS = ["full_ft", "top_ft", "lora", "bf16", "vocab_grown", "unrelated", "sparse_ft"]
 LOWRANK_TOL = 1e-5  # FORMAT.md 5.3: relative to the tensor's norm
 
 for p in (str(ROOT), str(TESTS)):
@@ -41,6 +41,18 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     concurrent `make fixtures` cannot change the originals between factoring and comparing."""
     dst = tmp_path_factory.mktemp("ref_sources") / "family"
     shutil.copytree(FAMILY, dst)
+    # a member that changed a few dozen entries of one matrix, so that the sparse codec is exercised
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(dst / "base" / "model.safetensors"))
+    w = sd["layers.0.mlp.up_proj.weight"].clone()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(w.numel(), generator=g)[:40]
+    w.view(-1)[idx] += torch.randn(40, generator=g)
+    sd["layers.0.mlp.up_proj.weight"] = w
+    (dst / "sparse_ft").mkdir()
+    save_file(sd, str(dst / "sparse_ft" / "model.safetensors"))
     return dst
 
 
@@ -271,7 +283,7 @@ def _newer_delta(meta: dict, records: list, tensors: dict) -> None:
         (_reframe(sized=False), "full_ft", {"limit", "codec"}),
         (_reframe(trailing=b"\0"), "full_ft", {"codec"}),
         (_unknown_codec, "full_ft", {"codec"}),
-        (_unsorted_indices, "full_ft", {"codec"}),
+        (_unsorted_indices, "sparse_ft", {"codec"}),
         (_stray_tensor, "full_ft", {"format"}),
         (_other_backbone, "full_ft", {"backbone_mismatch"}),
         (_newer_delta, "full_ft", {"version"}),

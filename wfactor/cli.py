@@ -25,6 +25,8 @@ from .sources import split_spec
 
 F = TypeVar("F", bound=Callable[..., Any])
 out = Console()
+if not out.is_terminal:
+    out = Console(width=160)  # tables written to a pipe or a log keep their columns readable
 err = Console(stderr=True)
 
 
@@ -36,20 +38,23 @@ def human(n: float) -> str:
     return str(n)
 
 
+def fail(code: str, message: str, exit_code: int) -> None:
+    """One line on stderr, ``error[code]: message`` (the code is listed in spec/FORMAT.md), then exit."""
+    click.echo(click.style(f"error[{code}]", fg="red", bold=True) + ": " + " ".join(message.split()), err=True)
+    sys.exit(exit_code)
+
+
 def run(fn: Callable[[], int | None]) -> None:
     """Run a command body; a WfactorError or OS error becomes one line on stderr and a non-zero exit."""
     try:
         code = fn() or 0
     except WfactorError as exc:
-        err.print(f"[bold red]error[{exc.code}][/]: {exc.message}", highlight=False, markup=True, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        fail(exc.code, exc.message, exc.exit_code)
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        err.print(f"[bold red]error[io][/]: {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail("io", f"{where}{exc.strerror or exc}", 2)
     except KeyboardInterrupt:
-        err.print("interrupted; nothing was left half-written")
-        sys.exit(130)
+        fail("interrupted", "stopped by the user; nothing was left half-written", 130)
     sys.exit(code)
 
 
@@ -82,16 +87,17 @@ def main() -> None:
 
 def factor_table(rep: FactorReport) -> Table:
     t = Table(title=f"family {rep.path}  (budget: {'lossless' if rep.budget.lossless else f'max rel error {rep.budget.max_rel_error:g}'})")
-    for col in ("member", "original", "delta", "ratio", "worst rel err", "codecs (tensors)"):
-        t.add_column(col, justify="right" if col in ("original", "delta", "ratio", "worst rel err") else "left")
+    for col in ("member", "original", "delta", "ratio", "worst err/W", "worst err/drift", "codecs (tensors)"):
+        t.add_column(col, justify="left" if col in ("member", "codecs (tensors)") else "right")
     for m in rep.members:
         codecs = ", ".join(f"{k} {v.tensors}" for k, v in sorted(m.codecs.items(), key=lambda kv: -kv[1].bytes))
-        t.add_row(m.name, human(m.original_bytes), human(m.delta_bytes), f"{m.ratio:.3f}", f"{m.worst_rel_error:.2g}", codecs)
+        t.add_row(m.name, human(m.original_bytes), human(m.delta_bytes), f"{m.ratio:.3f}", f"{m.worst_rel_error:.2g}",
+                  f"{m.worst_rel_drift:.2g}", codecs)
     t.add_section()
-    t.add_row("backbone", human(rep.base_bytes), human(rep.backbone_bytes), "", "", "")
+    t.add_row("backbone", human(rep.base_bytes), human(rep.backbone_bytes), "", "", "", "")
     t.add_row(
         "[bold]total[/]", human(rep.original_bytes), human(rep.family_bytes),
-        f"[bold]{rep.family_bytes / rep.original_bytes:.3f}[/]" if rep.original_bytes else "", "", "",
+        f"[bold]{rep.family_bytes / rep.original_bytes:.3f}[/]" if rep.original_bytes else "", "", "", "",
     )
     return t
 
@@ -103,7 +109,7 @@ def factor_table(rep: FactorReport) -> Table:
 @click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
 @click.option(
     "--max-rel-error", type=float, default=DEFAULT_MAX_REL_ERROR, show_default=True,
-    help="Per-tensor budget: ||rebuilt - original|| / ||original||.",
+    help="Per-tensor budget: ||rebuilt - original|| <= E * ||original - base|| (error relative to the drift).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing family directory (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")

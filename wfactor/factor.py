@@ -50,6 +50,7 @@ class MemberReport:
     delta_bytes: int
     worst_rel_error: float
     worst_tensor: str
+    worst_rel_drift: float = 0.0
     codecs: dict[str, CodecStat] = field(default_factory=dict)
 
     @property
@@ -64,6 +65,7 @@ class MemberReport:
             "ratio": round(self.ratio, 6),
             "worst_rel_error": self.worst_rel_error,
             "worst_tensor": self.worst_tensor,
+            "worst_rel_drift": self.worst_rel_drift,
             "codecs": {k: {"tensors": v.tensors, "bytes": v.bytes} for k, v in sorted(self.codecs.items())},
         }
 
@@ -108,6 +110,7 @@ def _summarise(name: str, original: int, records: list[Record], sizes: dict[str,
             continue
         if err > rep.worst_rel_error or not rep.worst_tensor:
             rep.worst_rel_error, rep.worst_tensor = err, rec.name
+        rep.worst_rel_drift = max(rep.worst_rel_drift, rec.error.get("rel_drift", 0.0))
     return rep
 
 

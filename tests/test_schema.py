@@ -1,0 +1,46 @@
+"""spec/schema.json describes the JSON parts of real families (manifest and delta records)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from conftest import ROOT
+
+from wfactor.format.constants import META_RECORDS
+from wfactor.format.safetensors_io import SafetensorsFile
+
+SCHEMA = json.loads((ROOT / "spec" / "schema.json").read_text())
+
+
+def validator(ref: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator({**SCHEMA, "$ref": ref})
+
+
+@pytest.mark.parametrize("which", ["lossless_family", "lossy_family"])
+def test_fixture_families_match_the_schema(which: str, request: pytest.FixtureRequest) -> None:
+    fam: Path = request.getfixturevalue(which)
+    manifest = json.loads((fam / "wfactor.json").read_text())
+    validator("#/$defs/manifest").validate(manifest)
+    for m in manifest["members"]:
+        with SafetensorsFile(fam / m["delta"]["path"]) as f:
+            validator("#/$defs/records").validate(json.loads(f.metadata[META_RECORDS]))
+
+
+def test_schema_rejects_what_the_spec_forbids() -> None:
+    v = validator("#/$defs/manifest")
+    good = {"format": "wfactor.family", "format_version": 1, "members": [],
+            "backbone": {"path": "backbone.safetensors", "sha256": "a" * 64, "size": 1}}
+    v.validate(good)
+    for bad_path in ("../x", "/abs", "a/./b"):
+        bad = json.loads(json.dumps(good))
+        bad["backbone"]["path"] = bad_path
+        assert not v.is_valid(bad), bad_path
+    bad = dict(good, format="other")
+    assert not v.is_valid(bad)
+    r = validator("#/$defs/record")
+    rec = {"name": "w", "shape": [2], "dtype": "F32", "base": "w",
+           "terms": [{"codec": "quant", "params": {"bits": 12}, "parts": {}}]}
+    assert not r.is_valid(rec)
