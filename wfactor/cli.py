@@ -86,36 +86,57 @@ def main() -> None:
 
 
 def factor_table(rep: FactorReport) -> Table:
-    t = Table(title=f"family {rep.path}  (budget: {'lossless' if rep.budget.lossless else f'max rel error {rep.budget.max_rel_error:g}'})")
+    b = rep.budget
+    what = (
+        "lossless" if b.lossless
+        else f"target {b.target_bytes} bytes" if b.target_bytes is not None
+        else f"target ratio {b.target_ratio:g}" if b.target_ratio is not None
+        else f"max rel error {b.max_rel_error:g} of drift"
+    )
+    t = Table(title=f"family {rep.path}  (budget: {what})")
     for col in ("member", "original", "delta", "ratio", "worst err/W", "worst err/drift", "codecs (tensors)"):
         t.add_column(col, justify="left" if col in ("member", "codecs (tensors)") else "right")
     for m in rep.members:
         codecs = ", ".join(f"{k} {v.tensors}" for k, v in sorted(m.codecs.items(), key=lambda kv: -kv[1].bytes))
+        if not m.related:
+            codecs = "[yellow]unrelated: stored whole[/] " + codecs
         t.add_row(m.name, human(m.original_bytes), human(m.delta_bytes), f"{m.ratio:.3f}", f"{m.worst_rel_error:.2g}",
                   f"{m.worst_rel_drift:.2g}", codecs)
     t.add_section()
-    t.add_row("backbone", human(rep.base_bytes), human(rep.backbone_bytes), "", "", "", "")
+    o = rep.backbone_origin
+    label = {"base": "backbone (base)", "medoid": f"backbone (medoid: {o.get('member')})",
+             "consensus": "backbone (consensus)"}.get(str(o.get("kind")), "backbone")
+    t.add_row(label, human(rep.base_bytes) if rep.base_bytes else "", human(rep.backbone_bytes), "", "", "", "")
     t.add_row(
         "[bold]total[/]", human(rep.original_bytes), human(rep.family_bytes),
         f"[bold]{rep.family_bytes / rep.original_bytes:.3f}[/]" if rep.original_bytes else "", "", "", "",
     )
+    tried = o.get("tried_bytes")
+    if isinstance(tried, dict) and len(tried) > 1:
+        t.caption = "backbone candidates tried (family bytes): " + ", ".join(f"{k} {human(v)}" for k, v in tried.items())
     return t
 
 
 @main.command()
 @click.argument("members", nargs=-1, required=True, metavar="[NAME=]PATH...")
-@click.option("--base", "base", required=True, metavar="PATH", help="The base model; it becomes the backbone.")
+@click.option("--base", "base", default=None, metavar="PATH",
+              help="The base model; it becomes the backbone. Without it, the smaller of the medoid member and "
+                   "the members' element-wise mean is chosen.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Family directory to write.")
 @click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
 @click.option(
     "--max-rel-error", type=float, default=DEFAULT_MAX_REL_ERROR, show_default=True,
     help="Per-tensor budget: ||rebuilt - original|| <= E * ||original - base|| (error relative to the drift).",
 )
+@click.option("--target-bytes", type=int, default=None, metavar="N",
+              help="Whole-family budget in bytes: spend them where they cut the error most.")
+@click.option("--target-ratio", type=float, default=None, metavar="R",
+              help="Whole-family budget as a fraction of the models side by side (base + members).")
 @click.option("--force", is_flag=True, help="Replace an existing family directory (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def factor(members: tuple[str, ...], base: str, output: Path, lossless: bool, max_rel_error: float,
-           force: bool, as_json: bool, quiet: bool) -> None:
+           target_bytes: int | None, target_ratio: float | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Split models into one backbone (the base) plus a small delta per member.
 
     \b
@@ -126,7 +147,8 @@ def factor(members: tuple[str, ...], base: str, output: Path, lossless: bool, ma
 
     def body() -> None:
         bar, update = progress_bar(quiet or as_json)
-        budget = Budget(lossless=lossless, max_rel_error=max_rel_error)
+        budget = Budget(lossless=lossless, max_rel_error=max_rel_error, target_bytes=target_bytes,
+                        target_ratio=target_ratio)
         if bar:
             with bar:
                 rep = factor_family(list(members), base, output, budget, force=force, progress=update)
@@ -272,6 +294,229 @@ def inspect(target: Path, as_json: bool) -> None:
         fam_bytes = data["family_bytes"]
         out.print(f"family {human(fam_bytes)} for members totalling {human(total_orig)} "
                   f"({fam_bytes / total_orig:.3f} of their size, backbone included)" if total_orig else "")
+
+    run(body)
+
+
+
+# -- analyze ---------------------------------------------------------------------------------------------
+# Heatmap colours: a log scale from DRIFT_LOW (green) through the verdict threshold (amber) to DRIFT_HIGH
+# (red); the PNG uses the same range.
+DRIFT_LOW, DRIFT_HIGH = 1e-3, 1.5
+
+
+def _drift_position(d: float) -> float:
+    """0 at DRIFT_LOW (and below), 1 at DRIFT_HIGH (and above), logarithmic in between."""
+    import math
+
+    d = min(max(d, DRIFT_LOW), DRIFT_HIGH)
+    return math.log(d / DRIFT_LOW) / math.log(DRIFT_HIGH / DRIFT_LOW)
+
+
+def _drift_rgb(d: float) -> tuple[int, int, int]:
+    """The heatmap colour of a drift: green, yellow-green, amber (about the verdict threshold), red."""
+    import itertools
+
+    t = _drift_position(d)
+    stops = [(0.0, (26, 120, 50)), (0.45, (170, 190, 40)), (0.75, (235, 160, 30)), (1.0, (200, 30, 30))]
+    for (t0, c0), (t1, c1) in itertools.pairwise(stops):
+        if t <= t1:
+            f = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
+            r, g, b = (round(a + (z - a) * f) for a, z in zip(c0, c1))
+            return r, g, b
+    return stops[-1][1]
+
+
+def _fmt_drift(d: float | None) -> str:
+    if d is None:
+        return "-"
+    if d == 0:
+        return "0"
+    return f"{d:.3f}" if d >= 0.001 else f"{d:.0e}"
+
+
+def _group_cell(g: Any) -> tuple[str, str]:
+    """(text, style) of one heatmap cell: the block's byte-weighted mean drift, '=' when all identical."""
+    if g is None or (g.compared == 0 and g.identical == 0):
+        return "·", "dim"
+    if g.identical == g.tensors:
+        return "=", "bold white on rgb(20,90,40)"
+    if g.rel_drift is None:
+        return "?", "dim"
+    r, gg, b = _drift_rgb(g.rel_drift)
+    fg = "black" if (r * 299 + gg * 587 + b * 114) / 1000 > 110 else "white"
+    return _fmt_drift(g.rel_drift), f"{fg} on rgb({r},{gg},{b})"
+
+
+def analysis_tables(rep: Any) -> list[Any]:
+    """The rich renderables of `wfactor analyze`: member table, reasons, block table, heatmap, legend."""
+    from statistics import median
+
+    from rich.text import Text
+
+    base = rep.base
+    items: list[Any] = [
+        Text(f"base {base.name}: {base.path} ({base.tensors} tensors, {human(base.nbytes)})")
+    ]
+    t = Table(title="members against the base  (drift = ||W - B|| / ||B||, per tensor)")
+    for col in ("member", "verdict", "tensors", "identical", "changes", "median drift", "max drift",
+                "byte-wtd drift", "rank99 (median, changed matrices)"):
+        t.add_column(col, justify="left" if col in ("member", "verdict", "changes") else "right")
+    for m in rep.models:
+        s = m.summary
+        verdict = ("[green]related[/]" if m.related
+                   else "[red bold]shares nothing[/]" if m.shares_nothing else "[red bold]UNRELATED[/]")
+        changes = ", ".join(
+            f"{n} {label}" for n, label in (
+                (s.drift, "drift"), (s.shape_changed, "shape"), (s.dtype_changed, "dtype"),
+                (s.only_in_member, "new"), (s.only_in_base, "missing"),
+            ) if n
+        )
+        ranks = [x.rank99 for x in m.tensors if x.rank99 is not None and not x.identical]
+        rank = f"{median(ranks):g}" if ranks else ("-" if not rep.ranks else "0")
+        t.add_row(
+            m.name, verdict, str(s.tensors), f"{s.identical} ({human(s.identical_bytes)})", changes or "-",
+            _fmt_drift(s.median_rel_drift), _fmt_drift(s.max_rel_drift), _fmt_drift(s.weighted_rel_drift),
+            rank,
+        )
+    items.append(t)
+    for m in rep.models:
+        items.append(Text.assemble((f"{m.name}: ", "bold"), m.reason))
+    blocks = Table(title="layer blocks: identical tensors and largest tensor drift, per member")
+    blocks.add_column("block")
+    for m in rep.models:
+        blocks.add_column(m.name, justify="right")
+    heat = Table(title="heatmap: mean drift per layer block (weighted by bytes)", padding=(0, 1))
+    heat.add_column("block")
+    for m in rep.models:
+        heat.add_column(m.name, justify="center")
+    for name in rep.groups:
+        row, hrow = [name], [name]
+        for m in rep.models:
+            g = m.group(name)
+            if g is None:
+                row.append("-")
+            else:
+                row.append(f"{g.identical}/{g.tensors} identical, max {_fmt_drift(g.max_rel_drift)}")
+            text, style = _group_cell(g)
+            hrow.append(Text(f" {text} ", style=style))
+        blocks.add_row(*row)
+        heat.add_row(*hrow)
+    items.append(blocks)
+    items.append(heat)
+    items.append(Text(
+        f"'=' every tensor of the block bit-identical to the base; '·' nothing compared; colours: log scale "
+        f"from {DRIFT_LOW:g} (green) to {DRIFT_HIGH:g} (red); fine-tunes drift well under 0.3, "
+        "unrelated models about 1.41", style="dim",
+    ))
+    return items
+
+
+def plot_heatmap(rep: Any, path: Path) -> None:
+    """The heatmap as a PNG (matplotlib, no pyplot global state). matplotlib is optional, hence the
+    type-ignores: mypy finds no module when it is absent."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import (  # type: ignore[import-not-found,unused-ignore]
+        FigureCanvasAgg,
+    )
+    from matplotlib.colors import (  # type: ignore[import-not-found,unused-ignore]
+        LinearSegmentedColormap,
+        LogNorm,
+    )
+    from matplotlib.figure import Figure  # type: ignore[import-not-found,unused-ignore]
+
+    groups, members = rep.groups, rep.models
+    data = np.full((len(groups), len(members)), np.nan)
+    labels = [["" for _ in members] for _ in groups]
+    for j, m in enumerate(members):
+        for i, name in enumerate(groups):
+            g = m.group(name)
+            text, _ = _group_cell(g)
+            labels[i][j] = text
+            if g is not None and text != "·" and g.rel_drift is not None:
+                data[i, j] = min(max(g.rel_drift, DRIFT_LOW), DRIFT_HIGH)
+    cmap = LinearSegmentedColormap.from_list(
+        "wfactor_drift", [(t, tuple(c / 255 for c in _drift_rgb(DRIFT_LOW * (DRIFT_HIGH / DRIFT_LOW) ** t)))
+                          for t in (0.0, 0.45, 0.75, 1.0)]).with_extremes(bad="#dddddd")
+    fig = Figure(figsize=(2.5 + 1.1 * len(members), 1.5 + 0.32 * len(groups)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=LogNorm(DRIFT_LOW, DRIFT_HIGH), aspect="auto")
+    ax.set_xticks(range(len(members)), [m.name + ("" if m.related else "\n(unrelated)") for m in members])
+    ax.set_yticks(range(len(groups)), groups)
+    ax.tick_params(axis="x", labelrotation=30)
+    for i in range(len(groups)):
+        for j in range(len(members)):
+            v = data[i, j]
+            if labels[i][j] == "=":
+                r, g, b = 20, 90, 40
+            else:
+                r, g, b = (221, 221, 221) if np.isnan(v) else _drift_rgb(v)
+            color = "white" if (r * 299 + g * 587 + b * 114) / 1000 <= 110 else "black"
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7, color=color)
+    ax.set_title(f"mean drift ||W-B||/||B|| per layer block, against {rep.base.name}")
+    fig.colorbar(im, ax=ax, label="rel drift (log scale)")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120, format="png")
+
+
+@main.command()
+@click.argument("members", nargs=-1, required=True, metavar="[NAME=]PATH...")
+@click.option("--base", "base", metavar="PATH",
+              help="The model to compare with. Without it the FIRST model given is the base.")
+@click.option("--json", "json_path", metavar="FILE",
+              help="Write the report as JSON (spec/ANALYZE.md); '-' prints it instead of the tables.")
+@click.option("--plot", "plot_path", metavar="FILE", type=click.Path(path_type=Path),
+              help="Also write the heatmap as a PNG (needs matplotlib: pip install 'wfactor[plot]').")
+@click.option("--no-rank", is_flag=True,
+              help="Skip the effective ranks (the SVDs are the slow part on big models).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def analyze(members: tuple[str, ...], base: str | None, json_path: str | None, plot_path: Path | None,
+            no_rank: bool, quiet: bool) -> None:
+    """Compare models with a base, tensor by tensor, before factoring them.
+
+    Per tensor: bit-identical or not, drift ||W-B||/||B||, cosine, effective rank of the delta (99% of
+    its energy), share of changed entries. Per member: a verdict (related to the base, or not) with its
+    reason; per layer block: identical counts and a drift heatmap. spec/ANALYZE.md defines every figure.
+
+    \b
+    Examples:
+      wfactor analyze chat=ckpt/chat code=ckpt/code --base ckpt/base
+      wfactor analyze ckpt/base ckpt/chat ckpt/code          # the first model is the base
+      wfactor analyze ckpt/* --base ckpt/base --json report.json --plot drift.png
+      wfactor analyze ft.safetensors --base base.safetensors --json - | jq '.models[].related'
+    """
+    from .analyze import analyze as analyze_models
+
+    def body() -> None:
+        if plot_path is not None:
+            try:
+                import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+            except ImportError:
+                raise InputError(
+                    "--plot needs matplotlib, which is not installed: pip install 'wfactor[plot]'"
+                ) from None
+        to_stdout = json_path == "-"
+        bar, update = progress_bar(quiet or to_stdout)
+        if bar:
+            with bar:
+                rep = analyze_models(list(members), base, ranks=not no_rank, progress=update)
+        else:
+            rep = analyze_models(list(members), base, ranks=not no_rank)
+        if to_stdout:
+            emit_json(rep.to_json())
+        else:
+            for item in analysis_tables(rep):
+                out.print(item)
+        if json_path and not to_stdout:
+            Path(json_path).write_text(json.dumps(rep.to_json(), indent=2) + "\n", encoding="utf-8")
+            out.print(f"wrote {json_path}", highlight=False)
+        if plot_path is not None:
+            plot_heatmap(rep, plot_path)
+            if not to_stdout:
+                out.print(f"wrote {plot_path}", highlight=False)
+            else:
+                err.print(f"wrote {plot_path}", highlight=False)
 
     run(body)
 

@@ -28,10 +28,11 @@ from .format.constants import (
     META_RECORDS,
     META_VERSION,
 )
-from .format.manifest import FileRef, Manifest, MemberEntry, TensorMeta, check_member_name, sha256_file
+from .backbone import UNRELATED_DISTANCE, medoid, pairwise, related_to, widest, write_consensus
+from .format.manifest import FileRef, Manifest, MemberEntry, TensorMeta, check_member_name, read_manifest
 from .format.records import Record
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
-from .plan import Budget, plan_tensor
+from .plan import Budget, TensorPlanner, allocate, plan_tensor
 from .sources import Source, open_source
 
 Progress = Callable[[str, int, int], None]  # (stage label, bytes done, bytes total)
@@ -52,6 +53,7 @@ class MemberReport:
     worst_tensor: str
     worst_rel_drift: float = 0.0
     codecs: dict[str, CodecStat] = field(default_factory=dict)
+    related: bool = True
 
     @property
     def ratio(self) -> float:
@@ -66,6 +68,7 @@ class MemberReport:
             "worst_rel_error": self.worst_rel_error,
             "worst_tensor": self.worst_tensor,
             "worst_rel_drift": self.worst_rel_drift,
+            "related": self.related,
             "codecs": {k: {"tensors": v.tensors, "bytes": v.bytes} for k, v in sorted(self.codecs.items())},
         }
 
@@ -77,6 +80,7 @@ class FactorReport:
     base_bytes: int
     members: list[MemberReport]
     budget: Budget
+    backbone_origin: dict[str, Any] = field(default_factory=dict)
 
     @property
     def family_bytes(self) -> int:
@@ -90,7 +94,8 @@ class FactorReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "family": str(self.path),
-            "budget": {"lossless": self.budget.lossless, "max_rel_error": self.budget.max_rel_error},
+            "budget": self.budget.to_json(),
+            "backbone_origin": self.backbone_origin,
             "backbone_bytes": self.backbone_bytes,
             "family_bytes": self.family_bytes,
             "original_bytes": self.original_bytes,
@@ -132,10 +137,63 @@ def write_backbone(base: Source, path: Path, progress: Progress | None = None) -
     write_streaming(path, entries, produce, meta, tick)
 
 
+def _header_overhead(member: Source) -> int:
+    """A generous estimate of a delta's header bytes (records JSON + safetensors entries) for byte budgets."""
+    return 1024 + sum(3 * len(k.encode()) + 480 for k in member.keys())
+
+
+def allocate_family(
+    sources: Sequence[Source],
+    base: Source,
+    budget: Budget,
+    backbone_bytes: int,
+    progress: Progress | None = None,
+    unrelated: set[str] | None = None,
+    raw: int = 0,
+) -> dict[str, dict[str, str]]:
+    """Pass 1 of a family-wide byte budget: every tensor's ladder of options, then one greedy allocation.
+    Unrelated members take part with their fixed (dense) cost. ``raw``: the models side by side."""
+    target = budget.target_bytes if budget.target_bytes is not None else int(round((budget.target_ratio or 0) * raw))
+    keys: list[tuple[str, str]] = []
+    ladders: list[list[tuple[str, int, float]]] = []
+    overhead = backbone_bytes
+    for src in sources:
+        overhead += _header_overhead(src)
+        done = 0
+        base_for = _EMPTY if src.name in (unrelated or set()) else base
+        for key in src.keys():
+            target_t = src.tensor(key)
+            base_t = base_for.tensor(key) if key in base_for else None
+            planner = TensorPlanner(key, target_t, key if base_t is not None else None, base_t, budget)
+            ladders.append(planner.ladder())
+            keys.append((src.name, key))
+            done += src.info(key).nbytes
+            if progress:
+                progress(f"plan {src.name}", done, src.nbytes)
+    floor = overhead + sum(lad[0][1] for lad in ladders)
+    if target < floor:
+        raise InputError(
+            f"a family of {target} bytes is not possible: the backbone ({backbone_bytes} bytes) and the cheapest "
+            f"deltas need about {floor}; raise --target-bytes/--target-ratio (ratio >= {floor / raw:.3f})"
+        )
+    options, _used = allocate(ladders, target - overhead)
+    out: dict[str, dict[str, str]] = {s.name: {} for s in sources}
+    for (member, key), opt in zip(keys, options):
+        out[member][key] = opt
+    return out
+
+
 def write_delta(
-    member: Source, base: Source, backbone_sha: str, path: Path, budget: Budget, progress: Progress | None = None
+    member: Source,
+    base: Source,
+    backbone_sha: str,
+    path: Path,
+    budget: Budget,
+    progress: Progress | None = None,
+    options: dict[str, str] | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
-    """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes."""
+    """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes.
+    ``options`` (from :func:`allocate_family`) fixes each tensor's option instead of the per-tensor budget."""
     spool = SpoolWriter(path)
     records: list[Record] = []
     sizes: dict[str, int] = {}
@@ -144,7 +202,8 @@ def write_delta(
         for key in member.keys():
             target = member.tensor(key)
             base_t = base.tensor(key) if key in base else None
-            planned = plan_tensor(key, target, key if base_t is not None else None, base_t, budget)
+            option = options.get(key) if options else None
+            planned = plan_tensor(key, target, key if base_t is not None else None, base_t, budget, option)
             for spec in planned.record.part_specs():
                 arr = planned.stored[spec.key]
                 # compressed parts are stored as one 1-D U8 tensor holding the zstd frame (spec 4.3)
@@ -194,81 +253,164 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_family(
+    sources: Sequence[Source],
+    base_src: Source,
+    tmp: Path,
+    budget: Budget,
+    unrelated: set[str],
+    origin: dict[str, Any],
+    progress: Progress | None,
+) -> tuple[Manifest, list[MemberReport]]:
+    """Write backbone, deltas and manifest into the (new, empty) directory ``tmp``."""
+    # the models side by side: the members, plus the base when the user gave one
+    raw_bytes = (base_src.nbytes if origin.get("kind") == "base" else 0) + sum(s.nbytes for s in sources)
+    (tmp / DELTAS_DIR).mkdir(parents=True)
+    write_backbone(base_src, tmp / BACKBONE_NAME, progress)
+    backbone = FileRef.of(tmp, BACKBONE_NAME)
+    options = (
+        allocate_family(sources, base_src, budget, backbone.size, progress, unrelated, raw_bytes)
+        if budget.global_target
+        else {}
+    )
+    entries: list[MemberEntry] = []
+    reports: list[MemberReport] = []
+    for src in sources:
+        rel = f"{DELTAS_DIR}/{src.name}.safetensors"
+        # an unrelated member shares nothing with the backbone: it is stored whole (dense, compressed)
+        base_for = _EMPTY if src.name in unrelated else base_src
+        records, sizes = write_delta(src, base_for, backbone.sha256, tmp / rel, budget, progress, options.get(src.name))
+        delta = FileRef.of(tmp, rel)
+        rep = _summarise(src.name, src.nbytes, records, sizes, delta.size)
+        rep.related = src.name not in unrelated
+        plan = rep.to_json()
+        plan.pop("name")
+        plan["budget"] = budget.to_json()
+        entries.append(
+            MemberEntry(
+                name=src.name,
+                delta=delta,
+                tensors=[TensorMeta(k, src.info(k).shape, src.info(k).dtype) for k in src.keys()],
+                original_bytes=src.nbytes,
+                source={"path": str(src.path), "files": [p.name for p in src.files]},
+                aux_files=_copy_aux(src, tmp, src.name),
+                plan=plan,
+            )
+        )
+        reports.append(rep)
+    manifest = Manifest(backbone, entries, created_by=f"wfactor {__version__}", backbone_origin=origin)
+    manifest.write_atomic(tmp)
+    _fsync_dir(tmp)
+    return manifest, reports
+
+
+class _Empty:
+    """A base with no tensors: every member tensor is stored dense."""
+
+    def __contains__(self, key: str) -> bool:
+        return False
+
+
+_EMPTY: Any = _Empty()
+
+
+def _unrelated(sources: Sequence[Source], base_src: Source) -> set[str]:
+    """Members whose byte-weighted distance to the base marks them unrelated (see backbone.UNRELATED_DISTANCE)."""
+    dist = pairwise([base_src, *sources])
+    return {s.name for i, s in enumerate(sources, start=1) if dist.relative(i, 0) >= UNRELATED_DISTANCE}
+
+
 def factor(
     members: Sequence[str],
-    base: str,
+    base: str | None,
     out: str | os.PathLike[str],
     budget: Budget | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> FactorReport:
-    """Factor ``members`` (each ``[NAME=]PATH``) against ``base`` into a family directory ``out``.
+    """Factor ``members`` (each ``[NAME=]PATH``) into a family directory ``out``.
 
-    The base becomes the backbone. Returns what was written, per member: bytes, ratio, worst error, codecs.
+    With ``base``, the base becomes the backbone. Without it, the medoid member and the element-wise
+    consensus of the related members are both tried and the smaller family is kept. Members unrelated to
+    the backbone are stored whole and flagged (``MemberReport.related``). Returns what was written, per
+    member: bytes, ratio, worst error, codecs.
     """
     budget = budget or Budget()
     if not budget.lossless and not budget.max_rel_error > 0:
         raise InputError(f"--max-rel-error must be > 0, found {budget.max_rel_error}; use --lossless for exact")
+    if budget.target_bytes is not None and budget.target_ratio is not None:
+        raise InputError("give --target-bytes or --target-ratio, not both")
+    if budget.target_bytes is not None and budget.target_bytes <= 0:
+        raise InputError(f"--target-bytes must be > 0, found {budget.target_bytes}")
+    if budget.target_ratio is not None and not 0 < budget.target_ratio:
+        raise InputError(f"--target-ratio must be > 0, found {budget.target_ratio}")
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out}: already exists; choose another -o or pass --force to replace it")
     if not members:
         raise InputError("no members given: pass at least one [NAME=]PATH")
-    base_src = open_source(base, name="base")
+    opened: list[Source] = []
     sources: list[Source] = []
     try:
         for arg in members:
             src = open_source(arg)
+            opened.append(src)
             check_member_name(src.name, arg)
             if any(s.name == src.name for s in sources):
                 raise InputError(f"{arg}: member name {src.name!r} is used twice; name members with NAME=PATH")
             sources.append(src)
+        candidates: list[tuple[Source, dict[str, Any], set[str]]] = []
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / DELTAS_DIR).mkdir(parents=True)
+        work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
         try:
-            write_backbone(base_src, tmp / BACKBONE_NAME, progress)
-            backbone = FileRef.of(tmp, BACKBONE_NAME)
-            entries: list[MemberEntry] = []
-            reports: list[MemberReport] = []
-            for src in sources:
-                rel = f"{DELTAS_DIR}/{src.name}.safetensors"
-                records, sizes = write_delta(src, base_src, backbone.sha256, tmp / rel, budget, progress)
-                delta = FileRef.of(tmp, rel)
-                rep = _summarise(src.name, src.nbytes, records, sizes, delta.size)
-                plan = rep.to_json()
-                plan.pop("name")
-                plan["budget"] = {"lossless": budget.lossless, "max_rel_error": budget.max_rel_error}
-                entries.append(
-                    MemberEntry(
-                        name=src.name,
-                        delta=delta,
-                        tensors=[TensorMeta(k, src.info(k).shape, src.info(k).dtype) for k in src.keys()],
-                        original_bytes=src.nbytes,
-                        source={"path": str(src.path), "files": [p.name for p in src.files]},
-                        aux_files=_copy_aux(src, tmp, src.name),
-                        plan=plan,
-                    )
-                )
-                reports.append(rep)
-            manifest = Manifest(backbone, entries, created_by=f"wfactor {__version__}")
-            manifest.write_atomic(tmp)
-            _fsync_dir(tmp)
+            if base is not None:
+                base_src = open_source(base, name="base")
+                opened.append(base_src)
+                candidates.append((base_src, {"kind": "base", "path": str(base_src.path)}, _unrelated(sources, base_src)))
+            else:
+                dist = pairwise(sources)
+                everyone = list(range(len(sources)))
+                center = medoid(dist, everyone, widest(sources, everyone))
+                related = related_to(dist, center)
+                center = medoid(dist, related, widest(sources, related))
+                unrelated = {sources[i].name for i in range(len(sources)) if i not in related}
+                med = sources[center]
+                candidates.append((med, {"kind": "medoid", "member": med.name}, unrelated))
+                if len(related) > 1:
+                    write_consensus([sources[i] for i in related], work / "consensus.safetensors")
+                    cons = open_source(str(work / "consensus.safetensors"), name="consensus")
+                    opened.append(cons)
+                    origin = {"kind": "consensus", "members": [sources[i].name for i in related]}
+                    candidates.append((cons, origin, unrelated))
+            results = []
+            for k, (bsrc, origin, unrelated) in enumerate(candidates):
+                tmp = work / f"family-{k}"
+                _man, reports = _write_family(sources, bsrc, tmp, budget, unrelated, origin, progress)
+                size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+                results.append((size, k, tmp, reports, bsrc))
+            size, k, chosen, reports, bsrc = min(results, key=lambda r: (r[0], r[1]))
+            tried = {candidates[r[1]][1]["kind"]: r[0] for r in results}
+            if len(results) > 1:
+                man = read_manifest(chosen)
+                man.backbone_origin = dict(man.backbone_origin, tried_bytes=tried)
+                man.write_atomic(chosen)
             if out.exists():
                 old = out.parent / f".{out.name}.old-{os.getpid()}"
                 os.replace(out, old)
-                os.replace(tmp, out)
+                os.replace(chosen, out)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, out)
+                os.replace(chosen, out)
             _fsync_dir(out.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return FactorReport(out, backbone.size, base_src.nbytes, reports, budget)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        backbone_size = (out / BACKBONE_NAME).stat().st_size
+        rep = FactorReport(out, backbone_size, bsrc.nbytes if base is not None else 0, reports, budget)
+        rep.backbone_origin = dict(candidates[k][1], tried_bytes=tried)
+        return rep
     finally:
-        base_src.close()
-        for s in sources:
+        for s in opened:
             s.close()

@@ -12,6 +12,7 @@ the reader's own code path, after rounding to the target dtype. ``lossless`` dem
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -39,8 +40,26 @@ _MARGIN = 0.9
 
 @dataclass
 class Budget:
+    """What the planner may spend. ``max_rel_error`` bounds every tensor (relative to its drift).
+    ``target_bytes`` / ``target_ratio`` (of the models side by side) bound the whole family instead: bytes
+    go, across all members and tensors, where they buy the largest error reduction per byte."""
+
     lossless: bool = False
     max_rel_error: float = DEFAULT_MAX_REL_ERROR
+    target_bytes: int | None = None
+    target_ratio: float | None = None
+
+    @property
+    def global_target(self) -> bool:
+        return not self.lossless and (self.target_bytes is not None or self.target_ratio is not None)
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"lossless": self.lossless, "max_rel_error": self.max_rel_error}
+        if self.target_bytes is not None:
+            out["target_bytes"] = self.target_bytes
+        if self.target_ratio is not None:
+            out["target_ratio"] = self.target_ratio
+        return out
 
 
 @dataclass
@@ -107,7 +126,15 @@ def measure(y: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 
 class TensorPlanner:
-    """Plans one tensor. ``plan()`` returns the cheapest Planned that meets the budget, error recorded."""
+    """Plans one tensor as a choice among *options*, each a reproducible recipe named by a string:
+
+    ``identical``, ``exact`` (the cheaper of base + XOR residual and dense), ``base`` (the base alone,
+    lossy), ``quant:k``, ``lowrank:r``, ``lowrank+quant:r:k``, ``sparse:count``.
+
+    ``plan()`` returns the cheapest option meeting the per-tensor budget; ``ladder()`` lists the
+    (option, bytes, squared relative error) trade-offs for a family-wide byte budget, and ``build(option)``
+    re-creates any of them deterministically.
+    """
 
     def __init__(self, name: str, target: torch.Tensor, base_name: str | None, base: torch.Tensor | None, budget: Budget):
         self.name, self.target, self.base_name, self.base, self.budget = name, target, base_name, base, budget
@@ -116,13 +143,38 @@ class TensorPlanner:
             self.base_name, self.base = None, None
         if base is not None and not target.is_floating_point() and base.dtype != target.dtype:
             self.base_name, self.base = None, None
+        self._drift = 0.0
+        self._prepared = False
+        self._cache: dict[str, Planned] = {}
 
-    _drift = 0.0
-
-    def _finish(self, p: Planned) -> Planned:
-        y = rebuild_planned(p, self.base)
-        p.record.error = self._errors(y)
-        return p
+    # -- shared state ---------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Classify the tensor once: identical, exact-only (no useful lossy option), or lossy."""
+        if self._prepared:
+            return
+        self._prepared = True
+        t, b = self.target, self.base
+        self.kind = "exact"
+        if b is None:
+            return
+        rec = Record(self.name, self.shape, format_dtype(t.dtype), self.base_name)
+        self.pred0 = predict(rec, b, _no_parts, b.device)
+        if bitwise_equal(self.pred0, t):
+            self.kind = "identical"
+            return
+        if self.budget.lossless or not t.is_floating_point():
+            return
+        cdtype = compute_torch_dtype(format_dtype(t.dtype))
+        self.bview = base_view(b, self.shape, cdtype)
+        wc = t.to(cdtype)
+        self.delta = wc - self.bview
+        self.nw = float(torch.linalg.vector_norm(wc.to(torch.float64)))
+        self.nd = float(torch.linalg.vector_norm(self.delta.to(torch.float64)))
+        # Nothing to gain from a lossy term: all-zero targets, non-finite values, or drift as large as the
+        # tensor itself (an unrelated tensor). Those are stored exactly.
+        if math.isfinite(self.nw) and math.isfinite(self.nd) and 0.0 < self.nd < self.nw:
+            self.kind = "lossy"
+            self._drift = self.nd / self.nw
 
     def _errors(self, y: torch.Tensor) -> dict[str, float]:
         err = measure(y, self.target)
@@ -130,125 +182,250 @@ class TensorPlanner:
             err["rel_drift"] = err["rel_l2"] / self._drift
         return err
 
+    def build(self, option: str) -> Planned:
+        """Encode ``option``, rebuild it through the reader's code path and record its measured error."""
+        if option in self._cache:
+            return self._cache[option]
+        self._prepare()
+        t = self.target
+        kind, *args = option.split(":")
+        if option == "identical":
+            p = assemble(self.name, t, self.base_name, [], None)
+        elif option == "exact":
+            cands = [assemble(self.name, t, None, [dense.encode(t)], None)]
+            if self.base is not None:
+                cands.insert(0, assemble(self.name, t, self.base_name, [], residual.encode(t, self.pred0)))
+            p = min(cands, key=lambda c: c.nbytes)  # min keeps the first of equals: deterministic
+        elif option == "base":
+            p = assemble(self.name, t, self.base_name, [], None)
+        elif kind == "quant":
+            bits = int(args[0])
+            p = assemble(self.name, t, self.base_name, [quant.encode(*quant.best(self.delta, bits), bits)], None)
+        elif kind == "lowrank":
+            p = assemble(self.name, t, self.base_name, [self._lowrank_term(int(args[0]))], None)
+        elif kind == "lowrank+quant":
+            rank, bits = int(args[0]), int(args[1])
+            lr = self._lowrank_term(rank)
+            rest = self.delta - self._spectrum_product(rank).reshape(self.shape)
+            p = assemble(self.name, t, self.base_name, [lr, quant.encode(*quant.best(rest, bits), bits)], None)
+        elif kind == "sparse":
+            p = assemble(self.name, t, self.base_name, [sparse.encode(self.delta, int(args[0]))], None)
+        else:
+            raise AssertionError(f"unknown option {option!r}")
+        p.record.error = self._errors(rebuild_planned(p, self.base))
+        self._cache[option] = p
+        return p
+
+    # -- low rank helpers -----------------------------------------------------------------------------
+    def _max_rank(self, budget_bytes: int) -> int:
+        if len(self.shape) < 2:
+            return 0
+        m, n = rows_cols(self.shape)
+        return int(min(m, n, budget_bytes // (2 * (m + n))))
+
+    def _spectrum(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        have = getattr(self, "_svd", None)
+        if have is None or have[1].numel() < rank:
+            m, n = rows_cols(self.shape)
+            want = min(m, n, max(rank, 2 * (have[1].numel() if have else 0), 8))
+            self._svd = lowrank.spectrum(self.delta, want)
+        u, s, vh = self._svd
+        return u, s, vh
+
+    def _lowrank_term(self, rank: int) -> Encoded:
+        u, s, vh = self._spectrum(rank)
+        return lowrank.encode(u, s, vh, rank)
+
+    def _spectrum_product(self, rank: int) -> torch.Tensor:
+        """What the stored factors of rank ``rank`` rebuild to, in float32 (factors rounded as stored)."""
+        enc = self._lowrank_term(rank)
+        u = from_storage(enc.arrays["u"][0], enc.arrays["u"][1]).to(torch.float32)
+        v = from_storage(enc.arrays["v"][0], enc.arrays["v"][1]).to(torch.float32)
+        return (u @ v).to(self.delta.dtype)
+
+    # -- per-tensor budget ----------------------------------------------------------------------------
     def plan(self) -> Planned:
-        t, b = self.target, self.base
-        if b is None:
-            return self._finish(assemble(self.name, t, None, [dense.encode(t)], None))
-        cdtype = compute_torch_dtype(format_dtype(t.dtype)) if t.is_floating_point() else t.dtype
-        pred0 = predict(Record(self.name, self.shape, format_dtype(t.dtype), self.base_name), b, _no_parts, b.device)
-        if bitwise_equal(pred0, t):
-            return self._finish(assemble(self.name, t, self.base_name, [], None))
-        if self.budget.lossless or not t.is_floating_point():
-            return self._finish(self._cheapest(self._lossless(pred0)))
-        return self._lossy(cdtype, pred0)
-
-    # -- lossless -------------------------------------------------------------------------------------
-    def _lossless(self, pred0: torch.Tensor) -> list[Planned]:
-        t = self.target
-        return [
-            assemble(self.name, t, self.base_name, [], residual.encode(t, pred0)),
-            assemble(self.name, t, None, [dense.encode(t)], None),
-        ]
-
-    @staticmethod
-    def _cheapest(cands: list[Planned]) -> Planned:
-        return min(cands, key=lambda p: p.nbytes)  # min keeps the first of equals: deterministic
-
-    # -- lossy ----------------------------------------------------------------------------------------
-    def _ok(self, p: Planned, limit: float) -> bool:
-        y = rebuild_planned(p, self.base)
-        err = self._errors(y)
-        p.record.error = err
-        return err["rel_l2"] <= limit
-
-    def _lossy(self, cdtype: torch.dtype, pred0: torch.Tensor) -> Planned:
-        t = self.target
-        assert self.base is not None
-        bview = base_view(self.base, self.shape, cdtype)
-        wc = t.to(cdtype)
-        delta = wc - bview
-        nw = float(torch.linalg.vector_norm(wc.to(torch.float64)))
-        nd = float(torch.linalg.vector_norm(delta.to(torch.float64)))
-        limit = max(self.budget.max_rel_error * nd, ERROR_FLOOR * nw) / nw  # relative to ||W||
-        self._drift = nd / nw
-        exact = self._lossless(pred0)
-        best = self._cheapest(exact)
-        if not math.isfinite(nw) or not math.isfinite(nd) or nw == 0.0 or nd >= nw:
-            self._drift = 0.0
-            # Nothing to gain from a lossy term: all-zero targets, non-finite values, or drift as large as
-            # the tensor itself (an unrelated tensor). Store it exactly, as the cheaper of base+residual and dense.
-            return self._finish(best)
-        base_only = assemble(self.name, t, self.base_name, [], None)
-        if self._ok(base_only, limit):
+        self._prepare()
+        if self.kind != "lossy":
+            return self.build(self.kind)
+        limit = max(self.budget.max_rel_error * self.nd, ERROR_FLOOR * self.nw) / self.nw  # relative to ||W||
+        base_only = self.build("base")
+        if base_only.record.error["rel_l2"] <= limit:
             return base_only
+        best = self.build("exact")
         cands: list[Planned] = []
-        q = self._quant(delta, limit)
+        q = self._search_bits("quant:{}", limit)
         if q is not None:
             cands.append(q)
         budget_bytes = min([best.nbytes] + [c.nbytes for c in cands])
-        lr = self._lowrank(delta, limit, nw, budget_bytes)
+        lr = self._search_rank(limit, budget_bytes)
         if lr is not None:
             cands.append(lr)
             budget_bytes = min(budget_bytes, lr.nbytes)
-        sp = self._sparse(delta, limit, nw, budget_bytes)
+        for combo in self._combos(limit, budget_bytes):
+            cands.append(combo)
+            budget_bytes = min(budget_bytes, combo.nbytes)
+        sp = self._search_sparse(limit, budget_bytes)
         if sp is not None:
             cands.append(sp)
-        if not cands:
-            return self._finish(best)
-        return self._cheapest(cands + [self._finish(best)])
+        return min(cands + [best], key=lambda c: c.nbytes)
 
-    def _quant(self, delta: torch.Tensor, limit: float) -> Planned | None:
+    def _fits(self, option: str, limit: float) -> Planned | None:
+        p = self.build(option)
+        return p if p.record.error["rel_l2"] <= limit else None
+
+    def _search_bits(self, pattern: str, limit: float) -> Planned | None:
         """Smallest bit width meeting the budget (binary search: error falls as bits grow)."""
         lo, hi = MIN_BITS, MAX_BITS
         found: Planned | None = None
         while lo <= hi:
             bits = (lo + hi) // 2
-            codes, scales = quant.best(delta, bits)
-            p = assemble(self.name, self.target, self.base_name, [quant.encode(codes, scales, bits)], None)
-            if self._ok(p, limit):
+            p = self._fits(pattern.format(bits), limit)
+            if p is not None:
                 found, hi = p, bits - 1
             else:
                 lo = bits + 1
         return found
 
-    def _lowrank(self, delta: torch.Tensor, limit: float, nw: float, budget_bytes: int) -> Planned | None:
-        if len(self.shape) < 2:
-            return None
-        m, n = rows_cols(self.shape)
-        max_rank = min(m, n, budget_bytes // (2 * (m + n)))
+    def _search_rank(self, limit: float, budget_bytes: int) -> Planned | None:
+        max_rank = self._max_rank(budget_bytes)
         if max_rank < 1:
             return None
-        u, s, vh = lowrank.spectrum(delta, max_rank)
-        total = float(torch.linalg.vector_norm(delta.to(torch.float64))) ** 2
-        tail = total - np.cumsum(s.to(torch.float64).numpy() ** 2)
-        allowed = (_MARGIN * limit * nw) ** 2
-        ok = np.nonzero(tail <= allowed)[0]
+        _u, s, _vh = self._spectrum(max_rank)
+        s = s[:max_rank]
+        tail = self.nd**2 - np.cumsum(s.to(torch.float64).numpy() ** 2)
+        ok = np.nonzero(tail <= (_MARGIN * limit * self.nw) ** 2)[0]
         if ok.size == 0:
             return None
         rank = int(ok[0]) + 1
         while rank <= max_rank:
-            p = assemble(self.name, self.target, self.base_name, [lowrank.encode(u, s, vh, rank)], None)
-            if self._ok(p, limit):
+            p = self._fits(f"lowrank:{rank}", limit)
+            if p is not None:
                 return p
             rank = max(rank + 1, int(rank * 1.25))
         return None
 
-    def _sparse(self, delta: torch.Tensor, limit: float, nw: float, budget_bytes: int) -> Planned | None:
-        flat = delta.reshape(-1).to(torch.float64)
+    def _combos(self, limit: float, budget_bytes: int) -> list[Planned]:
+        """Low rank for the dominant directions plus a quantised remainder (a merged LoRA on top of a full
+        fine-tune, say): tried when a few directions hold a large share of the drift."""
+        max_rank = min(self._max_rank(budget_bytes), 16)
+        if max_rank < 1:
+            return []
+        _u, s, _vh = self._spectrum(max_rank)
+        energy = np.cumsum(s[:max_rank].to(torch.float64).numpy() ** 2) / self.nd**2
+        out = []
+        rank = 1
+        while rank <= max_rank:
+            if energy[rank - 1] >= 0.5:
+                p = self._search_bits(f"lowrank+quant:{rank}:{{}}", limit)
+                if p is not None:
+                    out.append(p)
+                break
+            rank *= 2
+        return out
+
+    def _search_sparse(self, limit: float, budget_bytes: int) -> Planned | None:
+        flat = self.delta.reshape(-1).to(torch.float64)
         sq = torch.sort(flat * flat, descending=True, stable=True).values
         tail = float(sq.sum()) - torch.cumsum(sq, 0)
-        allowed = (_MARGIN * limit * nw) ** 2
-        hits = torch.nonzero(tail <= allowed)
+        hits = torch.nonzero(tail <= (_MARGIN * limit * self.nw) ** 2)
         if hits.numel() == 0:
             return None
         count = int(hits[0]) + 1
         if count * 4 >= budget_bytes:  # at least ~4 bytes an entry (index + fp16 value, compressed)
             return None
-        p = assemble(self.name, self.target, self.base_name, [sparse.encode(delta, count)], None)
-        return p if self._ok(p, limit) else None
+        return self._fits(f"sparse:{count}", limit)
+
+    # -- family-wide byte budget ----------------------------------------------------------------------
+    def ladder(self) -> list[tuple[str, int, float]]:
+        """Pareto-efficient (option, stored bytes, squared error relative to ||W||) trade-offs, cheapest first.
+
+        The last entry always meets the per-tensor budget (so a byte budget never does worse than the
+        default where it can afford it), and the exact option closes the ladder."""
+        self._prepare()
+        if self.kind != "lossy":
+            p = self.build(self.kind)
+            return [(self.kind, p.nbytes, 0.0)]
+        opts = ["base"] + [f"quant:{k}" for k in range(MIN_BITS, MAX_BITS + 1)]
+        exact = self.build("exact")
+        max_rank = self._max_rank(exact.nbytes)
+        r = 1
+        while r <= max_rank:
+            opts.append(f"lowrank:{r}")
+            r *= 2
+        numel = self.target.numel()
+        for frac in (0.01, 0.05):
+            count = int(numel * frac)
+            if 0 < count and count * 4 < exact.nbytes:
+                opts.append(f"sparse:{count}")
+        points = [(o, self.build(o).nbytes, self.build(o).record.error["rel_l2"] ** 2) for o in opts]
+        chosen = self.plan()
+        points.append((self._option_of(chosen), chosen.nbytes, chosen.record.error["rel_l2"] ** 2))
+        points.append(("exact", exact.nbytes, 0.0))
+        points.sort(key=lambda x: (x[1], x[2], x[0]))
+        frontier: list[tuple[str, int, float]] = []
+        for o, b, e in points:
+            if not frontier or e < frontier[-1][2]:
+                frontier.append((o, b, e))
+        self._cache.clear()  # keep memory bounded: pass 2 re-encodes only the chosen option
+        return frontier
+
+    def _option_of(self, p: Planned) -> str:
+        for o, q in self._cache.items():
+            if q is p:
+                return o
+        raise AssertionError("planned record without an option")
 
 
 def plan_tensor(
-    name: str, target: torch.Tensor, base_name: str | None, base: torch.Tensor | None, budget: Budget
+    name: str,
+    target: torch.Tensor,
+    base_name: str | None,
+    base: torch.Tensor | None,
+    budget: Budget,
+    option: str | None = None,
 ) -> Planned:
-    return TensorPlanner(name, target, base_name, base, budget).plan()
+    """The cheapest record meeting ``budget``, or the given ``option`` (from a family-wide allocation)."""
+    planner = TensorPlanner(name, target, base_name, base, budget)
+    return planner.build(option) if option is not None else planner.plan()
+
+
+def allocate(ladders: list[list[tuple[str, int, float]]], spend: int) -> tuple[list[str], int]:
+    """Choose one option per ladder so that the total bytes stay within ``spend`` while the sum of squared
+    relative errors is as small as a greedy walk along each ladder's lower convex hull can make it:
+    every step buys the largest error reduction per byte available anywhere in the family.
+
+    Returns the options and the bytes they use. Deterministic: ties go to the earlier ladder."""
+    hulls = []
+    for pts in ladders:
+        hull = [pts[0]]
+        for p in pts[1:]:
+            while len(hull) >= 2:
+                (o1, b1, e1), (o2, b2, e2) = hull[-2], hull[-1]
+                if (e1 - e2) / max(b2 - b1, 1) <= (e2 - p[2]) / max(p[1] - b2, 1):
+                    hull.pop()  # the middle point is not on the lower convex hull
+                else:
+                    break
+            hull.append(p)
+        hulls.append(hull)
+    pos = [0] * len(hulls)
+    used = sum(h[0][1] for h in hulls)
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        h, k = hulls[i], pos[i]
+        if k + 1 < len(h):
+            gain = (h[k][2] - h[k + 1][2]) / max(h[k + 1][1] - h[k][1], 1)
+            heapq.heappush(heap, (-gain, i))
+
+    for i in range(len(hulls)):
+        push(i)
+    while heap:
+        _g, i = heapq.heappop(heap)
+        h, k = hulls[i], pos[i]
+        step = h[k + 1][1] - h[k][1]
+        if used + step <= spend:
+            used += step
+            pos[i] = k + 1
+            push(i)
+    return [h[k][0] for h, k in zip(hulls, pos)], used

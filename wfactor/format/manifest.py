@@ -135,6 +135,7 @@ class Manifest:
     members: list[MemberEntry]
     created_by: str = ""
     format_version: int = FORMAT_VERSION
+    backbone_origin: dict[str, Any] = field(default_factory=dict)
 
     def member(self, name: str) -> MemberEntry:
         for m in self.members:
@@ -149,6 +150,7 @@ class Manifest:
             "format_version": self.format_version,
             "created_by": self.created_by,
             "backbone": self.backbone.to_json(),
+            "backbone_origin": self.backbone_origin,
             "members": [m.to_json() for m in self.members],
         }
 
@@ -234,7 +236,10 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
             )
         )
     created_by = obj.get("created_by", "")
-    return Manifest(backbone, members, created_by if isinstance(created_by, str) else "", ver)
+    origin = obj.get("backbone_origin", {})
+    return Manifest(
+        backbone, members, created_by if isinstance(created_by, str) else "", ver, origin if isinstance(origin, dict) else {}
+    )
 
 
 def read_manifest(root: Path) -> Manifest:

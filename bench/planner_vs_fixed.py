@@ -1,0 +1,721 @@
+"""Issue 3's acceptance, measured side by side in one run on the fixture family:
+
+1. at the default budget every related member keeps outputs at worst logit cosine >= 0.999;
+2. the planned family is at least 30% smaller than the same family factored with any single fixed codec
+   at equal or better worst-case cosine.
+
+The planner is run through ``wfactor.factor`` over a sweep of budgets and rebuilt through
+``wfactor.open_family``. Each fixed codec is applied to every member tensor that differs from the base,
+encoded with wfactor's own codec modules and ``wfactor.plan.assemble`` and rebuilt with
+``wfactor.plan.rebuild_planned`` (the reader's code path), so bytes are counted the same way: the stored,
+compressed part bytes. Writes bench/results/planner_vs_fixed.{md,json}.
+
+    .venv/bin/python bench/planner_vs_fixed.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    FAMILY,
+    MEMBERS,
+    MODEL_FILE,
+    RELATED,
+    RESULTS_DIR,
+    UNRELATED,
+    Evaluator,
+    fmt_bytes,
+    fmt_cos,
+    machine_info,
+    machine_line,
+    md_table,
+    raw_bytes,
+    write_results,
+)
+
+import wfactor  # noqa: E402
+from wfactor.codecs import dense, lowrank, quant, residual, sparse  # noqa: E402
+from wfactor.format.records import rows_cols  # noqa: E402
+from wfactor.plan import Planned, assemble, rebuild_planned  # noqa: E402
+from wfactor.reconstruct import base_view  # noqa: E402
+from wfactor.tensors import bitwise_equal, compute_torch_dtype, format_dtype  # noqa: E402
+
+NAME = "planner_vs_fixed"
+E_SWEEP = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+# Family-wide byte budget (only if wfactor.Budget has target_bytes / target_ratio): one run per E listed,
+# with the target set to that per-tensor budget's on-disk family bytes, so the two modes meet at equal size.
+# Each such run costs minutes on a 2-core machine, hence only the default's by default.
+TARGET_ENV = "WFACTOR_BENCH_TARGET_AT_E"
+TARGET_AT_E = [float(x) for x in os.environ.get(TARGET_ENV, "0.1").split(",") if x.strip()]
+QUALITY = 0.999  # acceptance 1 threshold
+SMALLER = 0.30  # acceptance 2: at least 30% smaller, i.e. planner bytes <= 0.7 x fixed bytes
+DARE_SEED = 1234
+
+
+# -- points --------------------------------------------------------------------------------------------
+@dataclass
+class Point:
+    method: str
+    setting: str
+    backbone: int
+    member_bytes: dict[str, int]  # delta payload bytes (stored parts), every member incl. unrelated
+    cos: dict[str, float]  # worst cosine per member (related; the planner also has unrelated)
+    disk: int | None = None  # family bytes on disk (backbone + delta files), planner only
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family_bytes(self) -> int:
+        return self.backbone + sum(self.member_bytes.values())
+
+    @property
+    def related_bytes(self) -> int:
+        return sum(self.member_bytes[m] for m in RELATED)
+
+    @property
+    def worst(self) -> float:
+        return min(self.cos[m] for m in RELATED)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.setting}"
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(family_bytes=self.family_bytes, related_bytes=self.related_bytes, worst=self.worst)
+        return d
+
+
+# -- the planner ---------------------------------------------------------------------------------------
+def payload_bytes(path: Path) -> int:
+    """Bytes of a safetensors file's data section: the file minus its 8-byte length and JSON header."""
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+    return path.stat().st_size - 8 - hlen
+
+
+def budget_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(wfactor.Budget)}
+
+
+def run_planner(ev: Evaluator, tmp: Path, label: str, budget: wfactor.Budget) -> Point:
+    out = tmp / label.replace("=", "_").replace(" ", "_")
+    members = [f"{m}={FAMILY / m}" for m in MEMBERS]
+    t0 = time.perf_counter()
+    rep = wfactor.factor(members, base=str(FAMILY / "base"), out=out, budget=budget)
+    t_factor = time.perf_counter() - t0
+    fam = wfactor.open_family(out)
+    try:
+        cos = {m: ev.worst(m, fam.state_dict(m)) for m in MEMBERS}
+    finally:
+        fam.close()
+    backbone = out / "backbone.safetensors"
+    deltas = {m: out / "deltas" / f"{m}.safetensors" for m in MEMBERS}
+    disk = backbone.stat().st_size + sum(p.stat().st_size for p in deltas.values())
+    codecs: dict[str, dict[str, list[int]]] = {}
+    for mr in rep.members:
+        codecs[mr.name] = {k: [int(v.tensors), int(v.bytes)] for k, v in getattr(mr, "codecs", {}).items()}
+    p = Point(
+        "planner",
+        label,
+        backbone.stat().st_size,
+        {m: payload_bytes(deltas[m]) for m in MEMBERS},
+        cos,
+        disk=disk,
+        extra={"factor_s": round(t_factor, 2), "codecs": codecs, "report_family_bytes": rep.family_bytes},
+    )
+    del rep
+    return p
+
+
+# -- fixed codecs --------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One member tensor, classified once; ``delta`` is W - cast(base view) in the compute dtype."""
+
+    name: str
+    target: torch.Tensor
+    base: torch.Tensor | None
+    kind: str  # identical | dense (absent in base) | grown (shape differs) | delta | exact (not floating)
+    fixed: tuple[int, torch.Tensor] | None = None  # (bytes, rebuilt) where the setting does not matter
+    dense_fixed: tuple[int, torch.Tensor] | None = None  # grown tensors stored dense (the brief's rule)
+    delta: torch.Tensor | None = None
+    bview: torch.Tensor | None = None
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _build(p: Planned, base: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    return p.nbytes, rebuild_planned(p, base)
+
+
+def exact_store(name: str, t: torch.Tensor, base: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    """Lossless: the cheaper of dense and base + XOR residual (the planner's exact path)."""
+    cands = [assemble(name, t, None, [dense.encode(t)], None)]
+    if base is not None and base.shape == t.shape and base.is_floating_point() == t.is_floating_point():
+        pred0 = rebuild_planned(assemble(name, t, name, [], None), base)
+        cands.append(assemble(name, t, name, [], residual.encode(t, pred0)))
+    best = min(cands, key=lambda p: p.nbytes)
+    y = rebuild_planned(best, base if best.record.base else None)
+    assert bitwise_equal(y, t), name
+    return best.nbytes, y
+
+
+def prepare(member: str, base_sd: dict[str, torch.Tensor]) -> list[Item]:
+    sd = load_file(str(FAMILY / member / MODEL_FILE))
+    items = []
+    for name, t in sd.items():
+        b = base_sd.get(name)
+        if b is None or b.dim() != t.dim() or not t.is_floating_point() or not b.is_floating_point():
+            kind = "dense" if (b is None or b.dim() != t.dim()) else "exact"
+            it = Item(name, t, b, kind)
+            if kind == "dense":
+                it.fixed = _build(assemble(name, t, None, [dense.encode(t)], None), None)
+            else:
+                it.fixed = exact_store(name, t, b)
+            items.append(it)
+            continue
+        if tuple(b.shape) == tuple(t.shape):
+            p0 = assemble(name, t, name, [], None)
+            y0 = rebuild_planned(p0, b)
+            if bitwise_equal(y0, t):
+                items.append(Item(name, t, b, "identical", fixed=(0, y0)))
+                continue
+            kind = "delta"
+        else:
+            kind = "grown"
+        cdtype = compute_torch_dtype(format_dtype(t.dtype))
+        bview = base_view(b, tuple(t.shape), cdtype)
+        it = Item(name, t, b, kind, delta=t.to(cdtype) - bview, bview=bview)
+        if kind == "grown":
+            it.dense_fixed = _build(assemble(name, t, None, [dense.encode(t)], None), None)
+        if t.dim() >= 2:
+            m, n = rows_cols(tuple(t.shape))
+            it.svd = lowrank.spectrum(it.delta, min(m, n))
+        items.append(it)
+    return items
+
+
+Encoder = Callable[[str, Item], tuple[int, torch.Tensor]]
+
+
+def _planned(member: str, it: Item, enc: Any) -> tuple[int, torch.Tensor]:
+    terms = [] if enc is None else [enc]
+    return _build(assemble(it.name, it.target, it.name, terms, None), it.base)
+
+
+def enc_quant(bits: int) -> Encoder:
+    def f(member: str, it: Item) -> tuple[int, torch.Tensor]:
+        assert it.delta is not None
+        codes, scales = quant.best(it.delta, bits)
+        return _planned(member, it, quant.encode(codes, scales, bits))
+
+    return f
+
+
+def enc_lowrank(rank: int) -> Encoder:
+    q8 = enc_quant(8)
+
+    def f(member: str, it: Item) -> tuple[int, torch.Tensor]:
+        if it.svd is None:  # 1-D tensors: low rank does not apply; 8-bit quant instead
+            return q8(member, it)
+        m, n = rows_cols(tuple(it.target.shape))
+        u, s, vh = it.svd
+        return _planned(member, it, lowrank.encode(u, s, vh, min(rank, m, n)))
+
+    return f
+
+
+def enc_sparse(density: float) -> Encoder:
+    def f(member: str, it: Item) -> tuple[int, torch.Tensor]:
+        assert it.delta is not None
+        count = max(1, round(density * it.delta.numel()))
+        return _planned(member, it, sparse.encode(it.delta, count))
+
+    return f
+
+
+def enc_dare(keep: float) -> Encoder:
+    """DARE-style: keep a random share of the entries (seeded per member and tensor), rescale by 1/keep."""
+
+    def f(member: str, it: Item) -> tuple[int, torch.Tensor]:
+        assert it.delta is not None
+        g = torch.Generator().manual_seed(DARE_SEED + zlib.crc32(f"{member}/{it.name}".encode()))
+        mask = torch.rand(it.delta.shape, generator=g) < keep
+        dropped = torch.where(mask, it.delta / keep, torch.zeros_like(it.delta))
+        count = int(mask.sum())
+        return _planned(member, it, sparse.encode(dropped, count) if count else None)
+
+    return f
+
+
+def enc_bitdelta(member: str, it: Item) -> tuple[int, torch.Tensor]:
+    """BitDelta-style without distillation: sign bits (packed) + one float32 scale, mean |delta|, per tensor."""
+    assert it.delta is not None and it.bview is not None
+    scale = it.delta.abs().mean()
+    sign = torch.where(it.delta >= 0, 1.0, -1.0).to(it.delta.dtype)
+    y = (it.bview + scale * sign).to(it.target.dtype)
+    return math.ceil(it.delta.numel() / 8) + 4, y
+
+
+def fixed_settings() -> list[tuple[str, str, Encoder]]:
+    s: list[tuple[str, str, Encoder]] = []
+    s += [("quant", f"{k}-bit", enc_quant(k)) for k in range(2, 9)]
+    s += [("lowrank", f"rank {r}", enc_lowrank(r)) for r in (1, 2, 4, 8, 16, 32)]
+    s += [("sparse", f"top {d:.0%}", enc_sparse(d)) for d in (0.01, 0.05, 0.10, 0.25)]
+    s += [("bitdelta", "sign + 1 scale", enc_bitdelta)]
+    s += [("dare", f"keep {p:.0%}", enc_dare(p)) for p in (0.1, 0.3, 0.5)]
+    return s
+
+
+def encode_member(member: str, items: list[Item], enc: Encoder, grown: str) -> tuple[int, dict[str, torch.Tensor]]:
+    total, sd = 0, {}
+    for it in items:
+        if it.fixed is not None:
+            nb, y = it.fixed
+        elif it.kind == "grown" and grown == "dense":
+            assert it.dense_fixed is not None
+            nb, y = it.dense_fixed
+        else:
+            nb, y = enc(member, it)
+        total += nb
+        sd[it.name] = y
+    return total, sd
+
+
+# -- comparisons ---------------------------------------------------------------------------------------
+def cheapest(points: list[Point], min_cos: float, key: Callable[[Point], int]) -> Point | None:
+    ok = [p for p in points if p.worst >= min_cos]
+    return min(ok, key=key) if ok else None
+
+
+def literal_rows(planner: list[Point], fixed: list[Point], key: Callable[[Point], int]) -> list[dict[str, Any]]:
+    rows = []
+    for f in fixed:
+        p = cheapest(planner, f.worst, key)
+        ratio = key(p) / key(f) if p is not None else math.inf
+        rows.append({"fixed": f, "planner": p, "ratio": ratio, "ok": ratio <= 1 - SMALLER})
+    return rows
+
+
+def ratio_str(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def main() -> int:
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    info = machine_info()
+    print(f"[{NAME}] {machine_line(info)}", flush=True)
+    ev = Evaluator()
+    check = ev.self_check()
+    assert check < 1e-8, f"fast cosine differs from tinylm.output_cosines by {check}"
+    raw = raw_bytes()
+    base_cos = {m: ev.worst_between("base", m) for m in MEMBERS}
+
+    # planner sweep ------------------------------------------------------------------------------------
+    planner: list[Point] = []
+    fields = budget_fields()
+    with tempfile.TemporaryDirectory(prefix="wfactor-bench-") as td:
+        tmp = Path(td)
+        for e in E_SWEEP:
+            p = run_planner(ev, tmp, f"E={e:g}", wfactor.Budget(max_rel_error=e))
+            planner.append(p)
+            print(f"  planner {p.setting:<8} family {p.family_bytes:>9,}  worst {p.worst:.6f}  ({p.extra['factor_s']} s)", flush=True)
+        lossless = run_planner(ev, tmp, "lossless", wfactor.Budget(lossless=True))
+        print(f"  planner lossless family {lossless.family_bytes:>9,}  worst {lossless.worst:.6f}", flush=True)
+        target_points: list[Point] = []
+        target_note = "`wfactor.Budget` has no `target_bytes`/`target_ratio` field in this tree: no byte-budget sweep."
+        tfield = "target_bytes" if "target_bytes" in fields else ("target_ratio" if "target_ratio" in fields else None)
+        if tfield is not None:
+            matched = [p for p in planner if p.setting in {f"E={e:g}" for e in TARGET_AT_E}]
+            target_note = (
+                f"`wfactor.Budget.{tfield}` set to the on-disk family bytes of the per-tensor budget at "
+                + ", ".join(p.setting for p in matched)
+                + f" (env {TARGET_ENV} lists the E values to match)."
+            )
+            for ref in matched:
+                assert ref.disk is not None
+                val: float | int = ref.disk if tfield == "target_bytes" else ref.disk / raw
+                label = f"{tfield}={val:.4g}" if tfield == "target_ratio" else f"target={ref.disk:,}"
+                try:
+                    p = run_planner(ev, tmp, label, wfactor.Budget(**{tfield: val}))
+                except wfactor.WfactorError as exc:
+                    target_note += f" {label}: refused ({exc})."
+                    print(f"  planner {label}: {exc}", flush=True)
+                    continue
+                p.extra["target_disk"] = ref.disk
+                p.extra["matches"] = ref.setting
+                target_points.append(p)
+                print(f"  planner {p.setting:<8} family {p.family_bytes:>9,}  disk {p.disk:,}  worst {p.worst:.6f}  ({p.extra['factor_s']} s)", flush=True)
+    t_planner = time.perf_counter() - t_start
+
+    # fixed codecs -------------------------------------------------------------------------------------
+    base_sd = load_file(str(FAMILY / "base" / MODEL_FILE))
+    items = {m: prepare(m, base_sd) for m in RELATED}
+    unrel_sd = load_file(str(FAMILY / UNRELATED / MODEL_FILE))
+    unrelated_bytes = sum(exact_store(k, t, base_sd.get(k))[0] for k, t in unrel_sd.items())
+    backbone = planner[0].backbone
+    fixed: list[Point] = []
+    fixed_view: list[Point] = []  # variant: grown-vocabulary tensors use the base's rows, as the planner does
+    for method, setting, enc in fixed_settings():
+        mb: dict[str, int] = {UNRELATED: unrelated_bytes}
+        cos: dict[str, float] = {}
+        for m in RELATED:
+            mb[m], sd = encode_member(m, items[m], enc, grown="dense")
+            cos[m] = ev.worst(m, sd)
+        pt = Point(method, setting, backbone, mb, cos)
+        fixed.append(pt)
+        vb, vsd = encode_member("vocab_grown", items["vocab_grown"], enc, grown="view")
+        fixed_view.append(
+            Point(method, setting, backbone, {**mb, "vocab_grown": vb}, {**cos, "vocab_grown": ev.worst("vocab_grown", vsd)})
+        )
+        print(f"  {pt.label:<24} family {pt.family_bytes:>9,}  worst {pt.worst:.6f}", flush=True)
+    t_total = time.perf_counter() - t_start
+
+    data = {
+        "machine": info,
+        "raw_bytes": raw,
+        "base_vs_member_cos": base_cos,
+        "cosine_self_check_max_abs_diff": check,
+        "seconds": {"planner": round(t_planner, 1), "total": round(t_total, 1)},
+        "planner": [p.to_json() for p in planner],
+        "planner_lossless": lossless.to_json(),
+        "planner_target": [p.to_json() for p in target_points],
+        "fixed": [p.to_json() for p in fixed],
+        "fixed_grown_view": [p.to_json() for p in fixed_view],
+        "unrelated_exact_bytes": unrelated_bytes,
+    }
+    md = render(info, raw, base_cos, check, planner, lossless, target_points, target_note, fixed, fixed_view, t_total, data)
+    path = write_results(NAME, md, data)
+    plot(planner + target_points, fixed)
+    print(md)
+    print(f"[{NAME}] wrote {path} in {t_total:.0f} s", flush=True)
+    return 0
+
+
+# -- report --------------------------------------------------------------------------------------------
+def point_row(p: Point, raw: int) -> list[str]:
+    return [
+        p.method,
+        p.setting,
+        f"{p.family_bytes:,}",
+        f"{p.family_bytes / raw:.3f}",
+        f"{p.related_bytes:,}",
+        *[fmt_cos(p.cos[m]) for m in RELATED],
+        f"**{fmt_cos(p.worst)}**",
+    ]
+
+
+POINT_HEAD = ["method", "setting", "family bytes", "ratio to raw", "related deltas", *RELATED, "worst"]
+
+
+def render(
+    info: dict[str, Any],
+    raw: int,
+    base_cos: dict[str, float],
+    check: float,
+    planner: list[Point],
+    lossless: Point,
+    target_points: list[Point],
+    target_note: str,
+    fixed: list[Point],
+    fixed_view: list[Point],
+    seconds: float,
+    data: dict[str, Any],
+) -> str:
+    fam_key: Callable[[Point], int] = lambda p: p.family_bytes  # noqa: E731
+    rel_key: Callable[[Point], int] = lambda p: p.related_bytes  # noqa: E731
+    default = next(p for p in planner if p.setting == f"E={wfactor.DEFAULT_MAX_REL_ERROR:g}")
+    candidates = planner + target_points + [lossless]
+    lit = literal_rows(candidates, fixed, fam_key)
+    lit_rel = literal_rows(candidates, fixed, rel_key)
+    lit_view = literal_rows(candidates, fixed_view, fam_key)
+    worst_lit = max(lit, key=lambda r: r["ratio"])
+    worst_rel = max(lit_rel, key=lambda r: r["ratio"])
+    worst_view = max(lit_view, key=lambda r: r["ratio"])
+    goal1 = default.worst >= QUALITY
+    goal2 = all(r["ok"] for r in lit)
+    data["verdict"] = {
+        "quality_met": goal1,
+        "default_worst": default.worst,
+        "smaller_met": goal2,
+        "worst_literal_ratio": worst_lit["ratio"],
+        "worst_literal_setting": worst_lit["fixed"].label,
+        "related_only_met": all(r["ok"] for r in lit_rel),
+        "worst_related_ratio": worst_rel["ratio"],
+        "grown_view_met": all(r["ok"] for r in lit_view),
+        "worst_grown_view_ratio": worst_view["ratio"],
+    }
+    out: list[str] = []
+    w = out.append
+    w("## Planner vs single fixed codecs (issue 3 acceptance)")
+    w("")
+    w(f"Measured {machine_line(info)}; one run of `bench/planner_vs_fixed.py`, {seconds:.0f} s.")
+    w("")
+    w(
+        "Family: `fixtures/family` (base + full_ft, top_ft, lora, bf16, vocab_grown, unrelated; "
+        f"{raw:,} bytes side by side). **Quality**: worst logit cosine over the 32 `tinylm.eval_texts()` of "
+        "each rebuilt related member vs its original; the family's quality is the minimum over the five "
+        "related members. **Family bytes**: the backbone file plus every member's delta payload (the stored, "
+        "compressed part bytes, i.e. the delta file's data section; the planner's delta files on disk add "
+        "a JSON header, shown separately below). **Related deltas**: the five related members' payloads. "
+        f"Fast cosine evaluation checked against `tinylm.output_cosines`: max difference {check:.1e}."
+    )
+    w("")
+    w("### Verdict")
+    w("")
+    w(
+        f"- **Quality at the default budget (E = {wfactor.DEFAULT_MAX_REL_ERROR:g}): "
+        f"{'met' if goal1 else 'MISSED'}.** Worst related-member cosine {default.worst:.6f} "
+        f"({', '.join(f'{m} {default.cos[m]:.6f}' for m in RELATED)}); goal >= {QUALITY}."
+    )
+    w(
+        f"- **At least 30% smaller than any single fixed codec at equal or better worst cosine (family bytes, "
+        f"as the acceptance states it): {'met' if goal2 else 'MISSED'}.** "
+        f"{sum(r['ok'] for r in lit)} of {len(lit)} fixed settings are beaten by >= 30%; the hardest is "
+        f"{worst_lit['fixed'].label} ({fmt_bytes(worst_lit['fixed'].family_bytes)}, worst cosine "
+        f"{worst_lit['fixed'].worst:.6f}), against which the cheapest planner point at equal or better cosine, "
+        f"{worst_lit['planner'].label if worst_lit['planner'] else 'none'}, is "
+        f"{ratio_str(worst_lit['ratio'])} of its size."
+    )
+    w(
+        f"- Family bytes include the 0.97 MB backbone and the unrelated member (stored exactly by every fixed "
+        f"baseline, {fmt_bytes(data['unrelated_exact_bytes'])}), which no codec choice can shrink. Counting the "
+        f"five related members' deltas only: {'met' if data['verdict']['related_only_met'] else 'missed'}; "
+        f"hardest {worst_rel['fixed'].label}, planner {worst_rel['planner'].label if worst_rel['planner'] else 'none'} "
+        f"at {ratio_str(worst_rel['ratio'])} of its related-delta bytes."
+    )
+    w(
+        f"- If the fixed codecs also shared the base's rows for the grown vocabulary (as the planner does) "
+        f"instead of storing those tensors dense: {'met' if data['verdict']['grown_view_met'] else 'missed'}; "
+        f"hardest {worst_view['fixed'].label}, ratio {ratio_str(worst_view['ratio'])} (family bytes)."
+    )
+    w("")
+
+    w("### All points")
+    w("")
+    w(
+        "Planner: `wfactor.factor(..., budget=Budget(max_rel_error=E))`, each tensor's error <= E x its drift "
+        "||W - B||; rebuilt with `open_family(...).state_dict(member)`. Fixed codecs: applied to the delta "
+        "W - cast(base) (float32) of every tensor that differs from the base; identical tensors are free; "
+        "vocab_grown's embed_tokens/lm_head (shape differs from the base) are stored dense; 1-D tensors use the "
+        "same codec except for low rank, where they are stored 8-bit quantised. The unrelated member is stored "
+        "exactly (cheaper of dense and base + XOR residual per tensor) by every fixed baseline. BitDelta-style: "
+        "packed sign bits + one float32 scale (mean |delta|) per tensor, no distillation; its bytes are "
+        "counted as numel/8 + 4 per tensor. DARE-style: a seeded random share of entries kept and rescaled by "
+        "1/keep, stored with the sparse codec."
+    )
+    w("")
+    rows = [point_row(p, raw) for p in planner]
+    rows.append(point_row(lossless, raw))
+    rows += [point_row(p, raw) for p in target_points]
+    rows += [point_row(p, raw) for p in fixed]
+    w(md_table(POINT_HEAD, rows, "ll" + "r" * (len(POINT_HEAD) - 2)))
+    w("")
+    w(f"Byte budget sweep: {target_note}")
+    w("")
+
+    w("### Each fixed setting vs the cheapest planner point at equal or better worst cosine")
+    w("")
+    w(
+        "The acceptance read literally: for each fixed setting (worst cosine c_f, family bytes b_f), the "
+        "cheapest planner point (E sweep, byte-budget sweep if any, lossless) with worst cosine >= c_f. "
+        "Goal: planner / fixed <= 0.70."
+    )
+    w("")
+    rows = []
+    for r, rr in zip(lit, lit_rel):
+        f, p = r["fixed"], r["planner"]
+        rows.append(
+            [
+                f.label,
+                fmt_cos(f.worst),
+                f"{f.family_bytes:,}",
+                p.label if p else "none",
+                fmt_cos(p.worst) if p else "",
+                f"{p.family_bytes:,}" if p else "",
+                ratio_str(r["ratio"]),
+                "yes" if r["ok"] else "**no**",
+                ratio_str(rr["ratio"]),
+            ]
+        )
+    w(
+        md_table(
+            ["fixed setting", "c_f", "b_f", "planner point", "its cosine", "its bytes", "ratio", "<= 0.70", "ratio, related deltas only"],
+            rows,
+            "lrrlrrrlr",
+        )
+    )
+    w("")
+
+    w(f"### At the {QUALITY} threshold")
+    w("")
+    w(f"The cheapest setting of each method whose worst related-member cosine is >= {QUALITY}.")
+    w("")
+    best_p = cheapest(candidates, QUALITY, fam_key)
+    rows = []
+    by_method: dict[str, list[Point]] = {}
+    for p in fixed:
+        by_method.setdefault(p.method, []).append(p)
+    thresh: dict[str, Any] = {}
+    for meth, pts in [("planner", candidates), *by_method.items()]:
+        c = cheapest(pts, QUALITY, fam_key)
+        if c is None:
+            best_cos = max(pts, key=lambda p: p.worst)
+            rows.append([meth, f"none (best: {best_cos.setting}, {best_cos.worst:.6f})", "", "", "", "", ""])
+            thresh[meth] = None
+            continue
+        ratio = best_p.family_bytes / c.family_bytes if best_p else math.inf
+        ratio_rel = best_p.related_bytes / c.related_bytes if best_p else math.inf
+        thresh[meth] = {"setting": c.setting, "family_bytes": c.family_bytes, "worst": c.worst, "planner_ratio": ratio}
+        rows.append(
+            [meth, c.setting, f"{c.family_bytes:,}", f"{c.related_bytes:,}", fmt_cos(c.worst), ratio_str(ratio), ratio_str(ratio_rel)]
+        )
+    data["at_threshold"] = thresh
+    w(md_table(["method", "cheapest setting >= 0.999", "family bytes", "related deltas", "worst", "planner / it (family)", "planner / it (related)"], rows, "llrrrrr"))
+    w("")
+
+    w("### Where a fixed codec beats the planner, member by member")
+    w("")
+    w(
+        "For each related member and planner budget E: the cheapest fixed setting whose cosine on that member is "
+        ">= the planner's and whose delta for that member is smaller (vocab_grown: either treatment of the "
+        "grown tensors). Only rows where such a setting exists."
+    )
+    w("")
+    rows = []
+    for p in planner:
+        for m in RELATED:
+            pool = [(f, f.member_bytes[m], f.cos[m]) for f in fixed]
+            if m == "vocab_grown":
+                pool += [(f, f.member_bytes[m], f.cos[m]) for f in fixed_view]
+            wins = [x for x in pool if x[2] >= p.cos[m] and x[1] < p.member_bytes[m]]
+            if not wins:
+                continue
+            f, b, c = min(wins, key=lambda x: x[1])
+            tag = " (grown rows shared)" if m == "vocab_grown" and any(f is v for v in fixed_view) else ""
+            rows.append([p.setting, m, f"{p.member_bytes[m]:,}", fmt_cos(p.cos[m]), f.label + tag, f"{b:,}", fmt_cos(c), f"{p.member_bytes[m] / b:.2f}"])
+    if rows:
+        w(md_table(["planner", "member", "planner bytes", "planner cos", "cheaper fixed setting", "its bytes", "its cos", "planner / fixed"], rows, "lllrlrrr"))
+    else:
+        w("None: at every budget and for every member, each fixed setting that matches the planner's cosine costs more.")
+    w("")
+
+    w(f"### The planner's choices at the default budget (E = {wfactor.DEFAULT_MAX_REL_ERROR:g})")
+    w("")
+    codecs = default.extra.get("codecs", {})
+    rows = []
+    for m in MEMBERS:
+        c = codecs.get(m, {})
+        desc = ", ".join(f"{k} {v[0]} ({v[1]:,} B)" for k, v in sorted(c.items(), key=lambda kv: -kv[1][1]))
+        rows.append([m, f"{default.member_bytes[m]:,}", desc])
+    w(md_table(["member", "delta payload", "codec: tensors (bytes)"], rows, "lrl"))
+    w("")
+    w(
+        f"On disk the default-budget family is {default.disk:,} bytes ({default.disk / raw:.3f} of raw); the "
+        f"delta files' JSON headers (records) add {default.disk - default.family_bytes:,} bytes to the payload "
+        "counted above."
+    )
+    w("")
+
+    # -- default budget section -----------------------------------------------------------------------
+    w("## Default budget")
+    w("")
+    w(
+        "The budget E bounds each tensor's error by E x its drift: ||rebuilt - W|| <= E ||W - B||. To first "
+        "order the rebuilt model's output error is then at most E x the member's output divergence from the "
+        "base, so 1 - cos(rebuilt, member) <= E^2 (1 - cos(base, member)); the last column is that estimate from "
+        "the measured base-vs-member cosines ("
+        + ", ".join(f"{m} {base_cos[m]:.6f}" for m in RELATED)
+        + "). Same run as above."
+    )
+    w("")
+    rows = []
+    for p in planner:
+        e = float(p.setting.split("=")[1])
+        est = min(1 - e * e * (1 - base_cos[m]) for m in RELATED)
+        rows.append(
+            [
+                p.setting + (" (default)" if p is default else ""),
+                f"{p.family_bytes:,}",
+                f"{p.family_bytes / raw:.3f}",
+                f"{p.related_bytes:,}",
+                *[fmt_cos(p.cos[m]) for m in RELATED],
+                fmt_cos(p.cos[UNRELATED]),
+                f"**{fmt_cos(p.worst)}**",
+                fmt_cos(est),
+            ]
+        )
+    rows.append(
+        ["lossless", f"{lossless.family_bytes:,}", f"{lossless.family_bytes / raw:.3f}", f"{lossless.related_bytes:,}",
+         *[fmt_cos(lossless.cos[m]) for m in RELATED], fmt_cos(lossless.cos[UNRELATED]), f"**{fmt_cos(lossless.worst)}**", ""]
+    )
+    w(md_table(["budget", "family bytes", "ratio to raw", "related deltas", *RELATED, "unrelated", "worst related", "first-order estimate"], rows, "l" + "r" * 11))
+    w("")
+    ok = [p for p in planner if p.worst >= QUALITY]
+    loosest = max(ok, key=lambda p: float(p.setting.split("=")[1])) if ok else None
+    first_miss = next((p for p in sorted(planner, key=lambda p: float(p.setting.split("=")[1])) if p.worst < QUALITY), None)
+    lines = []
+    if goal1:
+        lines.append(f"At the default E = {wfactor.DEFAULT_MAX_REL_ERROR:g} the worst related member keeps cosine {default.worst:.6f} (goal >= {QUALITY}).")
+    else:
+        lines.append(f"At the default E = {wfactor.DEFAULT_MAX_REL_ERROR:g} the worst related member reaches only {default.worst:.6f}: the goal >= {QUALITY} is missed.")
+    if loosest is not None and loosest is not default:
+        lines.append(
+            f"The loosest budget in the sweep that still meets {QUALITY} on every related member is {loosest.setting} "
+            f"(worst {loosest.worst:.6f}), at {loosest.related_bytes / default.related_bytes:.2f}x the default's related-delta bytes "
+            f"({loosest.related_bytes:,} vs {default.related_bytes:,})"
+            + (f"; {first_miss.setting} is the first to miss ({first_miss.worst:.6f})." if first_miss else ".")
+        )
+        lines.append(
+            "On this family the default therefore pays for margin: it is chosen from the first-order bound, which holds "
+            "for any member within cosine 0.9 of its base, not tuned to these fixtures, whose members sit much closer "
+            "to their base than that. The measured cosines stay well above the first-order estimate at every E, because "
+            "the bound assumes per-tensor errors add up coherently and each tensor uses its whole allowance."
+        )
+    w(" ".join(lines))
+    w("")
+    return "\n".join(out)
+
+
+def plot(planner: list[Point], fixed: list[Point]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[Point]] = {}
+    for p in planner + fixed:
+        groups.setdefault(p.method, []).append(p)
+    for meth, pts in groups.items():
+        pts = sorted(pts, key=lambda p: p.family_bytes)
+        ax.plot([p.family_bytes / 1e6 for p in pts], [max(1 - p.worst, 1e-9) for p in pts], "o-", label=meth)
+    ax.set_yscale("log")
+    ax.axhline(1 - QUALITY, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("family bytes (MB)")
+    ax.set_ylabel("1 - worst related cosine")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"{NAME}.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Choosing the backbone of a family when the user names no base, and telling related members apart.
+
+Two candidates are built and the factoring keeps whichever family is smaller (measured, not guessed):
+
+- the **medoid**: the member whose summed squared distance to the other related members is smallest
+  (it then costs almost nothing as a member: every tensor is identical to the backbone);
+- the **consensus**: per tensor, the element-wise mean of the related members that have it in its most
+  common shape (every member then pays a delta, but each is smaller).
+
+Distances stream tensor by tensor: one tensor of every member is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .format.constants import FORMAT_VERSION, META_KIND, META_VERSION
+from .format.safetensors_io import Entry, write_streaming
+from .sources import Source
+from .tensors import format_dtype, to_storage
+
+# A member whose byte-weighted relative distance to the backbone exceeds this is unrelated. Fine-tunes sit far
+# below (the fixture family's largest is 0.09); independently initialised models of one architecture sit
+# near sqrt(2) = 1.41, since their weights are uncorrelated draws of equal norm.
+UNRELATED_DISTANCE = 0.5
+
+
+@dataclass
+class Distances:
+    names: list[str]
+    sq: np.ndarray  # [N, N] summed squared differences over comparable tensors (+ norms of unmatched)
+    norm_sq: np.ndarray  # [N] summed squared norms of each member's floating tensors
+
+    def relative(self, i: int, j: int) -> float:
+        """sqrt(d(i, j) / ||member j||^2): the distance as a share of member j's weights."""
+        return math.sqrt(self.sq[i, j] / self.norm_sq[j]) if self.norm_sq[j] > 0 else 0.0
+
+
+def _float(src: Source, key: str) -> torch.Tensor | None:
+    t = src.tensor(key)
+    return t.to(torch.float64) if t.is_floating_point() else None
+
+
+def pairwise(sources: Sequence[Source]) -> Distances:
+    """Squared distances between every pair of members, tensor by tensor. Tensors absent from one member or
+    of another shape count their whole squared norm (they cannot be shared)."""
+    n = len(sources)
+    sq = np.zeros((n, n))
+    norm_sq = np.zeros(n)
+    keys = sorted({k for s in sources for k in s.keys()})
+    for key in keys:
+        ts = [(_float(s, key) if key in s else None) for s in sources]
+        norms = [float((t * t).sum()) if t is not None else 0.0 for t in ts]
+        norm_sq += norms
+        for i in range(n):
+            for j in range(i + 1, n):
+                a, b = ts[i], ts[j]
+                if a is None and b is None:
+                    continue
+                if a is None or b is None or a.dim() != b.dim():
+                    d = norms[i] + norms[j]
+                elif a.shape != b.shape:
+                    # a grown or shrunk tensor: the common leading block is compared, the rest counts whole,
+                    # exactly as the zero-padded base view of the reconstruction sees it
+                    region = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
+                    ar, br = a[region], b[region]
+                    d = float(((ar - br) ** 2).sum()) + norms[i] - float((ar * ar).sum()) + norms[j] - float((br * br).sum())
+                else:
+                    d = float(((a - b) ** 2).sum())
+                sq[i, j] += d
+                sq[j, i] += d
+    return Distances([s.name for s in sources], sq, norm_sq)
+
+
+def medoid(dist: Distances, related: Sequence[int], eligible: Sequence[int] | None = None) -> int:
+    """The member of ``eligible`` (default: ``related``) closest in sum to all ``related`` members."""
+    pool = list(eligible) if eligible is not None else list(related)
+    return min(pool, key=lambda i: (sum(dist.sq[i, j] for j in related), i))
+
+
+_WIDTH = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def widest(sources: Sequence[Source], among: Sequence[int]) -> list[int]:
+    """Members stored at the widest floating-point precision found: a bf16 backbone would cost every fp32
+    member a delta for its lost mantissa bits, so only the widest are medoid candidates."""
+    def width(s: Source) -> int:
+        return max((_WIDTH.get(s.info(k).dtype, 0) for k in s.keys()), default=0)
+
+    top = max(width(sources[i]) for i in among)
+    return [i for i in among if width(sources[i]) == top]
+
+
+def related_to(dist: Distances, center: int) -> list[int]:
+    """Members whose relative distance to ``center`` is below the unrelated threshold (center included)."""
+    return [i for i in range(len(dist.names)) if i == center or dist.relative(i, center) < UNRELATED_DISTANCE]
+
+
+def write_consensus(sources: Sequence[Source], path: Path) -> None:
+    """Per tensor, the element-wise mean (float32, or float64 if any member is float64) of the members that
+    have it in its most common shape; non-floating tensors are taken from the first member that has them."""
+    keys = sorted({k for s in sources for k in s.keys()})
+    plan: list[tuple[str, tuple[int, ...], list[Source], str]] = []
+    for key in keys:
+        have = [s for s in sources if key in s]
+        shape = Counter(s.info(key).shape for s in have).most_common(1)[0][0]
+        same = [s for s in have if s.info(key).shape == shape]
+        dtypes = {s.info(key).dtype for s in same}
+        if dtypes <= {"F64", "F32", "F16", "BF16"}:
+            dtype = "F64" if "F64" in dtypes else "F32"
+        else:
+            same, dtype = same[:1], same[0].info(key).dtype
+        plan.append((key, shape, same, dtype))
+    by_key = {k: (s, d) for k, _sh, s, d in plan}
+
+    def produce(e: Entry) -> bytes:
+        members, dtype = by_key[e.name]
+        if len(members) == 1 or dtype not in ("F32", "F64"):
+            t = members[0].tensor(e.name)
+            if format_dtype(t.dtype) != dtype:
+                t = t.to(torch.float64 if dtype == "F64" else torch.float32)
+            return to_storage(t).tobytes()
+        acc = torch.zeros(e.shape, dtype=torch.float64)
+        for s in members:
+            acc += s.tensor(e.name).to(torch.float64)
+        acc /= len(members)
+        return to_storage(acc.to(torch.float64 if dtype == "F64" else torch.float32)).tobytes()
+
+    entries = [Entry(k, d, sh) for k, sh, _s, d in plan]
+    write_streaming(path, entries, produce, {META_KIND: "backbone", META_VERSION: str(FORMAT_VERSION)})
