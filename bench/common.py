@@ -29,7 +29,7 @@ RELATED = [m for m in MEMBERS if m != UNRELATED]
 MODEL_FILE = "model.safetensors"
 
 sys.path.insert(0, str(ROOT / "fixtures"))
-import tinylm  # noqa: E402
+import tinylm
 
 
 def raw_bytes() -> int:
@@ -95,7 +95,9 @@ class Evaluator:
 # -- machine and provenance ---------------------------------------------------------------------------
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
 

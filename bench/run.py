@@ -18,14 +18,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, RESULTS_DIR, machine_info, machine_line  # noqa: E402
+from common import BENCH, RESULTS_DIR, machine_info, machine_line
 
 ORDER = ["planner_vs_fixed"]
 NOT_SCRIPTS = {"run", "common"}
 
 
 def scripts() -> list[str]:
-    found = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_SCRIPTS and not p.stem.startswith("_"))
+    found = sorted(
+        p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_SCRIPTS and not p.stem.startswith("_")
+    )
     return [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
 
 
@@ -41,7 +43,9 @@ def main(argv: list[str]) -> int:
     for name in chosen:
         print(f"== bench/{name}.py", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.run([sys.executable, str(BENCH / f"{name}.py")], cwd=BENCH.parent).returncode
+        rc = subprocess.run(
+            [sys.executable, str(BENCH / f"{name}.py")], cwd=BENCH.parent, check=False
+        ).returncode
         timings[name] = time.perf_counter() - t0
         if rc != 0:
             failed[name] = f"exit status {rc}"
@@ -49,11 +53,15 @@ def main(argv: list[str]) -> int:
     parts = [
         "# Benchmark results",
         "",
-        "Written by `make bench` (`bench/run.py`) from the sections in `bench/results/`; do not edit by hand, "
-        "rerun it. Each section says when and where it was measured.",
+        (
+            "Written by `make bench` (`bench/run.py`) from the sections in `bench/results/`; do not edit by "
+            "hand, rerun it. Each section says when and where it was measured."
+        ),
         "",
-        f"Last run: {machine_line(info)}. CPU count {info['cpu_count']}, torch {info['torch']}, "
-        f"{info['torch_threads']} torch threads.",
+        (
+            f"Last run: {machine_line(info)}. CPU count {info['cpu_count']}, torch {info['torch']}, "
+            f"{info['torch_threads']} torch threads."
+        ),
         "",
     ]
     if timings:
