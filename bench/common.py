@@ -28,6 +28,11 @@ UNRELATED = "unrelated"
 RELATED = [m for m in MEMBERS if m != UNRELATED]
 MODEL_FILE = "model.safetensors"
 
+# One torch thread unless told otherwise: the fixture models are tiny, and on a small machine shared with
+# other jobs, torch's thread pool waiting on busy cores made a forward pass ~100x slower (6.8 s vs 0.07 s).
+THREADS_ENV = "WFACTOR_BENCH_THREADS"
+torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
+
 sys.path.insert(0, str(ROOT / "fixtures"))
 import tinylm
 
@@ -71,6 +76,9 @@ class Evaluator:
         out = []
         for x, y in zip(a, b):
             x, y = x[:, :v], y[:, :v]
+            if torch.equal(x, y):  # identical logits: exactly 1, not 1 - rounding noise
+                out.append(1.0)
+                continue
             out.append(float((x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-300)))
         return out
 

@@ -464,6 +464,14 @@ class RefFamily:
             _validate_record(r, st, keys, what)
             if r["name"] in by_name:
                 raise RefError("format", f"{what}: two records for {r['name']!r}")
+            tied = r.get("same_as")
+            if tied is not None:
+                target = by_name.get(tied)  # must be an earlier record
+                if target is None or target.get("same_as") is not None or (target["shape"], target["dtype"]) != (
+                    r["shape"],
+                    r["dtype"],
+                ):
+                    raise RefError("format", f"{what}: {r['name']!r}: bad same_as {tied!r}")
             by_name[r["name"]] = r
         if keys != set(st.entries):
             stray = sorted(set(st.entries) - keys)[:5]
@@ -484,7 +492,12 @@ class RefFamily:
         BF16 tensors are returned as ``np.uint16`` bit patterns."""
         st, records = self._open_delta(name)
         bb = self.backbone()  # hashed (section 9) before any backbone tensor is used
-        return {r["name"]: _rebuild(r, st, bb) for r in records}
+        by_name = {r["name"]: r for r in records}
+        out = {}
+        for r in records:
+            src = by_name[r["same_as"]] if r.get("same_as") is not None else r  # tied weights (section 4.1)
+            out[r["name"]] = _rebuild(src, st, bb)
+        return out
 
 
 
@@ -584,6 +597,11 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
     if residual is not None:
         _expect(_part(residual, st, keys, f"{what} residual"), t, shape, f"{what} residual")
     # Rules of section 4.1.
+    same_as = r.get("same_as")
+    if same_as is not None:
+        if not isinstance(same_as, str) or base is not None or codecs or residual is not None:
+            raise RefError("codec", f"{what}: a same_as record has no base, terms or residual")
+        return
     if base is None and codecs != ["dense"]:
         raise RefError("format", f"{what}: a record without base needs exactly one dense term")
     if "dense" in codecs and (codecs != ["dense"] or base is not None):

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILY, MEMBERS, RELATED, member_args
@@ -237,3 +238,27 @@ def test_state_dict_dtype_and_member_order(lossy_family: Path) -> None:
     assert all(v.dtype == torch.float32 for v in sd.values())
     man = read_manifest(lossy_family)
     assert list(sd) == [t.name for t in man.member("bf16").tensors]
+
+
+def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
+    sd = dict(originals("full_ft"))
+    sd["lm_head.weight"] = sd["embed_tokens.weight"].clone()  # a tied head
+    (tmp_path / "tied").mkdir()
+    save_file(sd, str(tmp_path / "tied" / "model.safetensors"))
+    untied = dict(sd)
+    untied["lm_head.weight"] = sd["lm_head.weight"] + 1e-3  # same shape, not tied
+    (tmp_path / "untied").mkdir()
+    save_file(untied, str(tmp_path / "untied" / "model.safetensors"))
+    for budget in (wfactor.Budget(), wfactor.Budget(lossless=True)):
+        out = tmp_path / f"fam{budget.lossless}"
+        wfactor.factor([str(tmp_path / "tied"), str(tmp_path / "untied")], base=str(FAMILY / "base"), out=out, budget=budget)
+        recs = records(out, "tied")
+        assert recs["lm_head.weight"].same_as == "embed_tokens.weight"  # type: ignore[attr-defined]
+        rebuilt = wfactor.open_family(out).state_dict("tied")
+        assert bitwise_equal(rebuilt["lm_head.weight"], rebuilt["embed_tokens.weight"])
+        man = read_manifest(out)
+        assert man.member("tied").delta.size < man.member("untied").delta.size
+        import reference_reader
+
+        ref = reference_reader.open_family(out).state_dict("tied")
+        assert np.array_equal(ref["lm_head.weight"], ref["embed_tokens.weight"])

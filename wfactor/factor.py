@@ -6,6 +6,7 @@ written into a temporary directory beside the output, which is renamed into plac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -198,8 +199,18 @@ def write_delta(
     records: list[Record] = []
     sizes: dict[str, int] = {}
     total, done = member.nbytes, 0
+    seen: dict[tuple[str, tuple[int, ...], str], str] = {}  # content digest -> first tensor with it
     try:
         for key in member.keys():
+            info = member.info(key)
+            digest = (info.dtype, info.shape, hashlib.sha256(member.raw_bytes(key)).hexdigest())
+            if digest in seen and info.nbytes > 0:
+                # tied weights (e.g. lm_head = embed_tokens): stored once, the second is a same_as record
+                first = next(r for r in records if r.name == seen[digest])
+                records.append(Record(key, info.shape, info.dtype, None, error=dict(first.error), same_as=first.name))
+                done += info.nbytes
+                continue
+            seen.setdefault(digest, key)
             target = member.tensor(key)
             base_t = base.tensor(key) if key in base else None
             option = options.get(key) if options else None

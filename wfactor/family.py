@@ -122,6 +122,8 @@ class Family:
                 yield meta.name, t
 
     def _rebuild(self, delta: DeltaFile, rec: Record, device: str | torch.device) -> torch.Tensor:
+        if rec.same_as is not None:  # tied weights: stored once, rebuilt from the record they are tied to
+            return self._rebuild(delta, delta.records[rec.same_as], device)
         base = self._base_tensor(rec.base, device) if rec.base is not None else None
         where = f"{delta.file.path}: tensor {rec.name!r}"
 

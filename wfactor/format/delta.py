@@ -67,6 +67,13 @@ class DeltaFile:
             rec = record_from_json(obj, base_shapes, where)
             if rec.name in records:
                 raise FormatError(f"{where}: tensor {rec.name!r} has two records")
+            if rec.same_as is not None:
+                tied = records.get(rec.same_as)
+                if tied is None or tied.same_as is not None or (tied.shape, tied.dtype) != (rec.shape, rec.dtype):
+                    raise FormatError(
+                        f"{where}: tensor {rec.name!r} is same_as {rec.same_as!r}, which must be an earlier record "
+                        "of the same shape and dtype that is not itself same_as"
+                    )
             for spec in rec.part_specs():
                 if spec.key not in self.file.tensors:
                     raise FormatError(f"{where}: tensor {rec.name!r} names part {spec.key!r}, which is not in the file")

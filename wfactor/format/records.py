@@ -51,10 +51,13 @@ class Record:
     terms: list[Term] = field(default_factory=list)
     residual: PartSpec | None = None
     error: dict[str, float] = field(default_factory=dict)
+    same_as: str | None = None
 
     @property
     def codec(self) -> str:
         """A one-word summary used in reports: identical, base, dense, lowrank+quant, ..., with +residual."""
+        if self.same_as is not None:
+            return "tied"
         if not self.terms:
             words = ["identical" if self.residual is None and self.error.get("rel_l2", 0.0) == 0.0 else "base"]
         else:
@@ -75,6 +78,8 @@ class Record:
         out["residual"] = self.residual.to_json() if self.residual is not None else None
         # RFC 8259 JSON has no NaN/Infinity: a non-finite error is written as null
         out["error"] = {k: (v if math.isfinite(v) else None) for k, v in self.error.items()}
+        if self.same_as is not None:
+            out["same_as"] = self.same_as
         return out
 
 
@@ -168,7 +173,11 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
         raise CodecError(f"{where}: a {dtype} tensor may only use the dense codec")
     if any(t.codec == "dense" for t in terms) and (len(terms) != 1 or base is not None):
         raise CodecError(f"{where}: a dense term must be the only term, with base null")
-    if base is None and not terms:
+    same_as = obj.get("same_as")
+    if same_as is not None:
+        if not isinstance(same_as, str) or base is not None or terms or obj.get("residual") is not None:
+            raise CodecError(f"{where}: a same_as record names a tensor and has no base, terms or residual")
+    elif base is None and not terms:
         raise CodecError(f"{where}: a record without a base needs a dense term")
     residual = None
     if obj.get("residual") is not None:
@@ -180,7 +189,7 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
     if not isinstance(err, dict):
         raise CodecError(f"{where}: error must be an object")
     error = {k: float(v) for k, v in err.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    rec = Record(name, shape, dtype, base, terms, residual, error)
+    rec = Record(name, shape, dtype, base, terms, residual, error, same_as)
     keys = [p.key for p in rec.part_specs()]
     if len(set(keys)) != len(keys):
         raise CodecError(f"{where}: two parts share one key")
