@@ -16,6 +16,7 @@ compressed part bytes. Writes bench/results/planner_vs_fixed.{md,json}.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import struct
@@ -50,18 +51,18 @@ from common import (
 
 import wfactor
 from wfactor.codecs import dense, lowrank, quant, residual, sparse
+from wfactor.format.constants import META_RECORDS
 from wfactor.format.records import rows_cols
 from wfactor.plan import Planned, assemble, rebuild_planned
 from wfactor.reconstruct import base_view
 from wfactor.tensors import bitwise_equal, compute_torch_dtype, format_dtype
 
 NAME = "planner_vs_fixed"
-E_SWEEP = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+E_SWEEP = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 # Family-wide byte budget (only if wfactor.Budget has target_bytes / target_ratio): one run per E listed,
 # with the target set to that per-tensor budget's on-disk family bytes, so the two modes meet at equal size.
-# Each such run costs minutes on a 2-core machine, hence only the default's by default.
 TARGET_ENV = "WFACTOR_BENCH_TARGET_AT_E"
-TARGET_AT_E = [float(x) for x in os.environ.get(TARGET_ENV, "0.1").split(",") if x.strip()]
+TARGET_AT_E = [float(x) for x in os.environ.get(TARGET_ENV, "0.05,0.1,0.3,0.7").split(",") if x.strip()]
 QUALITY = 0.999  # acceptance 1 threshold
 SMALLER = 0.30  # acceptance 2: at least 30% smaller, i.e. planner bytes <= 0.7 x fixed bytes
 DARE_SEED = 1234
@@ -108,6 +109,32 @@ def payload_bytes(path: Path) -> int:
     return path.stat().st_size - 8 - hlen
 
 
+def record_options(path: Path) -> dict[str, int]:
+    """How many tensors of a delta file use each recipe (q4 = 4-bit quant, r8 = rank 8, +xor = residual)."""
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    records = json.loads(header.get("__metadata__", {}).get(META_RECORDS, "[]"))
+    out: dict[str, int] = {}
+    for rec in records:
+        words = []
+        for t in rec.get("terms") or []:
+            params = t.get("params") or {}
+            if t["codec"] == "quant":
+                words.append(f"q{params.get('bits')}")
+            elif t["codec"] == "lowrank":
+                words.append(f"r{params.get('rank')}")
+            else:
+                words.append(t["codec"])
+        if not words:
+            words.append("identical" if not rec.get("residual") and not (rec.get("error") or {}).get("rel_l2") else "base")
+        if rec.get("residual"):
+            words.append("xor")
+        key = "+".join(words)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def budget_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(wfactor.Budget)}
 
@@ -136,7 +163,13 @@ def run_planner(ev: Evaluator, tmp: Path, label: str, budget: wfactor.Budget) ->
         {m: payload_bytes(deltas[m]) for m in MEMBERS},
         cos,
         disk=disk,
-        extra={"factor_s": round(t_factor, 2), "codecs": codecs, "report_family_bytes": rep.family_bytes},
+        extra={
+            "factor_s": round(t_factor, 2),
+            "codecs": codecs,
+            "options": {m: record_options(deltas[m]) for m in MEMBERS},
+            "header_bytes": {m: deltas[m].stat().st_size - payload_bytes(deltas[m]) for m in MEMBERS},
+            "report_family_bytes": rep.family_bytes,
+        },
     )
     del rep
     return p
@@ -383,7 +416,7 @@ def main() -> int:
             target_note = (
                 f"`wfactor.Budget.{tfield}` set to the on-disk family bytes of the per-tensor budget at "
                 + (", ".join(p.setting for p in matched) or "(none)")
-                + f" (the environment variable {TARGET_ENV} lists the E values to match; default 0.1)."
+                + f" (the environment variable {TARGET_ENV} lists the E values to match)."
             )
             for ref in matched:
                 assert ref.disk is not None
@@ -824,8 +857,17 @@ def render(run: Run, data: dict[str, Any]) -> str:
         desc = ", ".join(
             f"{k} {v[0]} ({v[1]:,} B)" for k, v in sorted(c.items(), key=lambda kv: (-kv[1][1], kv[0]))
         )
-        rows.append([m, f"{default.member_bytes[m]:,}", desc])
-    w(md_table(["member", "delta payload", "codec: tensors (bytes)"], rows, "lrl"))
+        opts = default.extra.get("options", {}).get(m, {})
+        recipes = ", ".join(f"{k} x{n}" for k, n in sorted(opts.items(), key=lambda kv: (-kv[1], kv[0])))
+        hb = default.extra.get("header_bytes", {}).get(m)
+        rows.append([m, f"{default.member_bytes[m]:,}", f"{hb:,}" if hb is not None else "", desc, recipes])
+    w(
+        md_table(
+            ["member", "delta payload", "file header", "codec: tensors (bytes)", "recipes (q = quant bits, r = rank)"],
+            rows,
+            "lrrll",
+        )
+    )
     w("")
     assert default.disk is not None
     hdr = default.disk - default.family_bytes

@@ -23,10 +23,14 @@ def validator(ref: str) -> jsonschema.Draft202012Validator:
 def test_fixture_families_match_the_schema(which: str, request: pytest.FixtureRequest) -> None:
     fam: Path = request.getfixturevalue(which)
     manifest = json.loads((fam / "wfactor.json").read_text())
-    validator("#/$defs/manifest").validate(manifest)
+    errors = list(validator("#/$defs/manifest").iter_errors(manifest))
+    assert not errors, [e.message for e in errors[:3]]
     for m in manifest["members"]:
         with SafetensorsFile(fam / m["delta"]["path"]) as f:
-            validator("#/$defs/records").validate(json.loads(f.metadata[META_RECORDS]))
+            records = json.loads(f.metadata[META_RECORDS])
+        errors = list(validator("#/$defs/records").iter_errors(records))
+        assert not errors, [e.message for e in errors[:3]]
+        assert len(records) == len(m["tensors"])
 
 
 def test_schema_rejects_what_the_spec_forbids() -> None:
