@@ -59,8 +59,8 @@ def main(argv: list[str]) -> int:
         ),
         "",
         (
-            f"Last run: {machine_line(info)}. CPU count {info['cpu_count']}, torch {info['torch']}, "
-            f"{info['torch_threads']} torch threads."
+            f"Last run: {machine_line(info)}; {info['torch_threads']} torch thread(s) "
+            "(`WFACTOR_BENCH_THREADS`, default 1)."
         ),
         "",
     ]

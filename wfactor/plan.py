@@ -338,7 +338,11 @@ class TensorPlanner:
 
     # -- family-wide byte budget ----------------------------------------------------------------------
     def ladder(self) -> list[tuple[str, int, float]]:
-        """Pareto-efficient (option, stored bytes, squared error relative to ||W||) trade-offs, cheapest first.
+        """Pareto-efficient (option, stored bytes, squared error ||Y - W||^2) trade-offs, cheapest first.
+
+        Errors are absolute, so that a family-wide allocation minimises the total squared error of all the
+        family's weights: measured on the fixture family this keeps outputs far better per byte than
+        weighting each tensor's error by its own norm or by its drift (bench/RESULTS.md).
 
         The last entry always meets the per-tensor budget (so a byte budget never does worse than the
         default where it can afford it), and the exact option closes the ladder."""
@@ -358,9 +362,10 @@ class TensorPlanner:
             count = int(numel * frac)
             if 0 < count and count * 4 < exact.nbytes:
                 opts.append(f"sparse:{count}")
-        points = [(o, self.build(o).nbytes, self.build(o).record.error["rel_l2"] ** 2) for o in opts]
+        scale = self.nw**2  # rel_l2 is relative to ||W||
+        points = [(o, self.build(o).nbytes, self.build(o).record.error["rel_l2"] ** 2 * scale) for o in opts]
         chosen = self.plan()
-        points.append((self._option_of(chosen), chosen.nbytes, chosen.record.error["rel_l2"] ** 2))
+        points.append((self._option_of(chosen), chosen.nbytes, chosen.record.error["rel_l2"] ** 2 * scale))
         points.append(("exact", exact.nbytes, 0.0))
         points.sort(key=lambda x: (x[1], x[2], x[0]))
         frontier: list[tuple[str, int, float]] = []
@@ -392,7 +397,7 @@ def plan_tensor(
 
 def allocate(ladders: list[list[tuple[str, int, float]]], spend: int) -> tuple[list[str], int]:
     """Choose one option per ladder so that the total bytes stay within ``spend`` while the sum of squared
-    relative errors is as small as a greedy walk along each ladder's lower convex hull can make it:
+    errors is as small as a greedy walk along each ladder's lower convex hull can make it:
     every step buys the largest error reduction per byte available anywhere in the family.
 
     Returns the options and the bytes they use. Deterministic: ties go to the earlier ladder."""
