@@ -89,20 +89,28 @@ def test_safetensors_reader_limits(tmp_path: Path) -> None:
 def test_parts_roundtrip_every_dtype(dtype: str, encoding: str) -> None:
     rng = np.random.default_rng(0)
     storage = DTYPES[dtype][0]
-    arr = rng.integers(0, 255, size=(5, 7 * storage.itemsize), dtype=np.uint8).view(storage)
+    # compressible: a few distinct byte values, repeated, so that zstd beats raw and the frame is kept
+    arr = rng.integers(0, 3, size=(64, 16 * storage.itemsize), dtype=np.uint8).view(storage)
     if dtype == "BOOL":
         arr = arr.view(np.uint8) % 2 == 1
     spec, stored = encode_part("k", arr, dtype, encoding)
-    assert spec.shape == arr.shape
+    assert spec.shape == arr.shape and spec.encoding == encoding
     out = read_part_array(spec, stored, "test")
     assert out.dtype == storage and out.tobytes() == arr.tobytes()
 
 
+def test_incompressible_parts_are_stored_raw() -> None:
+    arr = np.random.default_rng(1).integers(0, 255, size=(8, 8), dtype=np.uint8)
+    spec, stored = encode_part("k", arr, "U8", "zstd")
+    assert spec.encoding == "raw" and stored.tobytes() == arr.tobytes()
+
+
 def test_zstd_planes_layout_is_as_specified() -> None:
-    arr = np.array([0x0102, 0x0304], dtype="<i2")
+    arr = np.array([0x0102, 0x0304] * 64, dtype="<i2")
     spec, stored = encode_part("k", arr, "I16", "zstd_planes")
+    assert spec.encoding == "zstd_planes"
     plain = zstandard.ZstdDecompressor().decompress(stored.tobytes())
-    assert plain == bytes([0x02, 0x04, 0x01, 0x03])  # plane 0 = low bytes, plane 1 = high bytes
+    assert plain == bytes([0x02, 0x04] * 64 + [0x01, 0x03] * 64)  # plane 0 = low bytes, plane 1 = high bytes
 
 
 def test_zstd_frame_size_is_checked_before_decoding() -> None:

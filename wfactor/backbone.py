@@ -1,6 +1,7 @@
 """Choosing the backbone of a family when the user names no base, and telling related members apart.
 
-Two candidates are built and the factoring keeps whichever family is smaller (measured, not guessed):
+Two candidates are built and the factoring keeps whichever family is smaller (measured, not guessed).
+Which members are related is decided by the rule of `wfactor analyze` (spec/ANALYZE.md).
 
 - the **medoid**: the member whose summed squared distance to the other related members is smallest
   (it then costs almost nothing as a member: every tensor is identical to the backbone);
@@ -25,12 +26,6 @@ from .format.constants import FORMAT_VERSION, META_KIND, META_VERSION
 from .format.safetensors_io import Entry, write_streaming
 from .sources import Source
 from .tensors import format_dtype, to_storage
-
-# A member whose byte-weighted relative distance to the backbone exceeds this is unrelated. Fine-tunes sit far
-# below (the fixture family's largest is 0.09); independently initialised models of one architecture sit
-# near sqrt(2) = 1.41, since their weights are uncorrelated draws of equal norm.
-UNRELATED_DISTANCE = 0.5
-
 
 @dataclass
 class Distances:
@@ -96,11 +91,6 @@ def widest(sources: Sequence[Source], among: Sequence[int]) -> list[int]:
 
     top = max(width(sources[i]) for i in among)
     return [i for i in among if width(sources[i]) == top]
-
-
-def related_to(dist: Distances, center: int) -> list[int]:
-    """Members whose relative distance to ``center`` is below the unrelated threshold (center included)."""
-    return [i for i in range(len(dist.names)) if i == center or dist.relative(i, center) < UNRELATED_DISTANCE]
 
 
 def write_consensus(sources: Sequence[Source], path: Path) -> None:

@@ -29,11 +29,12 @@ from .format.constants import (
     META_RECORDS,
     META_VERSION,
 )
-from .backbone import UNRELATED_DISTANCE, medoid, pairwise, related_to, widest, write_consensus
+from .analyze import analyze_member
+from .backbone import medoid, pairwise, widest, write_consensus
 from .format.manifest import FileRef, Manifest, MemberEntry, TensorMeta, check_member_name, read_manifest
 from .format.records import Record
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
-from .plan import Budget, TensorPlanner, allocate, plan_tensor
+from .plan import Budget, TensorPlanner, allocate, plan_tensor, rekey
 from .sources import Source, open_source
 
 Progress = Callable[[str, int, int], None]  # (stage label, bytes done, bytes total)
@@ -215,6 +216,7 @@ def write_delta(
             base_t = base.tensor(key) if key in base else None
             option = options.get(key) if options else None
             planned = plan_tensor(key, target, key if base_t is not None else None, base_t, budget, option)
+            planned = rekey(planned, str(len(records)))
             for spec in planned.record.part_specs():
                 arr = planned.stored[spec.key]
                 # compressed parts are stored as one 1-D U8 tensor holding the zstd frame (spec 4.3)
@@ -325,10 +327,12 @@ class _Empty:
 _EMPTY: Any = _Empty()
 
 
-def _unrelated(sources: Sequence[Source], base_src: Source) -> set[str]:
-    """Members whose byte-weighted distance to the base marks them unrelated (see backbone.UNRELATED_DISTANCE)."""
-    dist = pairwise([base_src, *sources])
-    return {s.name for i, s in enumerate(sources, start=1) if dist.relative(i, 0) >= UNRELATED_DISTANCE}
+def _unrelated(sources: Sequence[Source], backbone: Source) -> set[str]:
+    """Members that `wfactor analyze` would call unrelated to ``backbone`` (one rule for both commands;
+    spec/ANALYZE.md states it). The backbone itself, when it is a member, is related."""
+    return {
+        s.name for s in sources if s is not backbone and not analyze_member(s, backbone, ranks=False).related
+    }
 
 
 def factor(
@@ -385,9 +389,11 @@ def factor(
                 dist = pairwise(sources)
                 everyone = list(range(len(sources)))
                 center = medoid(dist, everyone, widest(sources, everyone))
-                related = related_to(dist, center)
+                first = _unrelated(sources, sources[center])
+                related = [i for i in everyone if sources[i].name not in first]
                 center = medoid(dist, related, widest(sources, related))
-                unrelated = {sources[i].name for i in range(len(sources)) if i not in related}
+                unrelated = _unrelated(sources, sources[center])
+                related = [i for i in everyone if sources[i].name not in unrelated]
                 med = sources[center]
                 candidates.append((med, {"kind": "medoid", "member": med.name}, unrelated))
                 if len(related) > 1:

@@ -12,6 +12,7 @@ the reader's own code path, after rounding to the target dtype. ``lossless`` dem
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -72,6 +73,23 @@ class Planned:
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.stored.values())
+
+
+def rekey(p: Planned, prefix: str) -> Planned:
+    """The same record with its parts keyed ``<prefix>#<slot>.<role>`` (the writer uses the record's index:
+    short keys keep delta headers small; readers find parts through the record, never by convention)."""
+    renamed: dict[str, str] = {}
+
+    def new(spec: PartSpec) -> PartSpec:
+        key = f"{prefix}#{spec.key.rsplit('#', 1)[1]}"
+        renamed[spec.key] = key
+        return dataclasses.replace(spec, key=key)
+
+    rec = p.record
+    terms = [Term(t.codec, t.params, {role: new(s) for role, s in t.parts.items()}) for t in rec.terms]
+    resid = new(rec.residual) if rec.residual is not None else None
+    out = Record(rec.name, rec.shape, rec.dtype, rec.base, terms, resid, rec.error, rec.same_as)
+    return Planned(out, {renamed[k]: v for k, v in p.stored.items()})
 
 
 def _no_parts(spec: PartSpec) -> torch.Tensor:

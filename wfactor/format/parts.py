@@ -81,6 +81,8 @@ def encode_part(key: str, arr: np.ndarray, dtype: str, encoding: str, level: int
     if encoding == "zstd_planes":
         raw = to_planes(raw, DTYPES[dtype][1])
     frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    if len(frame) >= arr.nbytes:  # incompressible (or tiny): storing it raw is smaller and faster to read
+        return PartSpec(key, dtype, tuple(arr.shape), "raw"), arr
     return spec, np.frombuffer(frame, dtype=np.uint8)
 
 

@@ -77,7 +77,8 @@ class Record:
         out["terms"] = [t.to_json() for t in self.terms]
         out["residual"] = self.residual.to_json() if self.residual is not None else None
         # RFC 8259 JSON has no NaN/Infinity: a non-finite error is written as null
-        out["error"] = {k: (v if math.isfinite(v) else None) for k, v in self.error.items()}
+        # (four significant digits: the error is informative, and headers stay small)
+        out["error"] = {k: (float(f"{v:.4g}") if math.isfinite(v) else None) for k, v in self.error.items()}
         if self.same_as is not None:
             out["same_as"] = self.same_as
         return out
