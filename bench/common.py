@@ -103,9 +103,7 @@ class Evaluator:
 # -- machine and provenance ---------------------------------------------------------------------------
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
 

@@ -62,7 +62,9 @@ E_SWEEP = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 # Family-wide byte budget (only if wfactor.Budget has target_bytes / target_ratio): one run per E listed,
 # with the target set to that per-tensor budget's on-disk family bytes, so the two modes meet at equal size.
 TARGET_ENV = "WFACTOR_BENCH_TARGET_AT_E"
-TARGET_AT_E = [float(x) for x in os.environ.get(TARGET_ENV, "0.02,0.05,0.1,0.2,0.3,0.5,0.7,1.0").split(",") if x.strip()]
+TARGET_AT_E = [
+    float(x) for x in os.environ.get(TARGET_ENV, "0.02,0.05,0.1,0.2,0.3,0.5,0.7,1.0").split(",") if x.strip()
+]
 QUALITY = 0.999  # acceptance 1 threshold
 SMALLER = 0.30  # acceptance 2: at least 30% smaller, i.e. planner bytes <= 0.7 x fixed bytes
 DARE_SEED = 1234
@@ -128,9 +130,7 @@ def record_options(path: Path) -> dict[str, int]:
                 words.append(t["codec"])
         if not words:
             words.append(
-                "identical"
-                if not rec.get("residual") and not (rec.get("error") or {}).get("rel_l2")
-                else "base"
+                "identical" if not rec.get("residual") and not (rec.get("error") or {}).get("rel_l2") else "base"
             )
         if rec.get("residual"):
             words.append("xor")
@@ -318,9 +318,7 @@ def fixed_settings() -> list[tuple[str, str, Encoder]]:
     return s
 
 
-def encode_member(
-    member: str, items: list[Item], enc: Encoder, grown: str
-) -> tuple[int, dict[str, torch.Tensor]]:
+def encode_member(member: str, items: list[Item], enc: Encoder, grown: str) -> tuple[int, dict[str, torch.Tensor]]:
     total, sd = 0, {}
     for it in items:
         if it.fixed is not None:
@@ -341,9 +339,7 @@ def cheapest(points: list[Point], min_cos: float, key: Callable[[Point], int]) -
     return min(ok, key=key) if ok else None
 
 
-def literal_rows(
-    planner: list[Point], fixed: list[Point], key: Callable[[Point], int]
-) -> list[dict[str, Any]]:
+def literal_rows(planner: list[Point], fixed: list[Point], key: Callable[[Point], int]) -> list[dict[str, Any]]:
     rows = []
     for f in fixed:
         p = cheapest(planner, f.worst, key)
@@ -403,18 +399,10 @@ def main() -> int:
                 flush=True,
             )
         lossless = run_planner(ev, tmp, "lossless", wfactor.Budget(lossless=True))
-        print(
-            f"  planner lossless family {lossless.family_bytes:>9,}  worst {lossless.worst:.6f}", flush=True
-        )
+        print(f"  planner lossless family {lossless.family_bytes:>9,}  worst {lossless.worst:.6f}", flush=True)
         target_points: list[Point] = []
-        target_note = (
-            "`wfactor.Budget` has no `target_bytes`/`target_ratio` field in this tree: no byte-budget sweep."
-        )
-        tfield = (
-            "target_bytes"
-            if "target_bytes" in fields
-            else ("target_ratio" if "target_ratio" in fields else None)
-        )
+        target_note = "`wfactor.Budget` has no `target_bytes`/`target_ratio` field in this tree: no byte-budget sweep."
+        tfield = "target_bytes" if "target_bytes" in fields else ("target_ratio" if "target_ratio" in fields else None)
         if tfield is not None:
             matched = [p for p in planner if p.setting in {f"E={e:g}" for e in TARGET_AT_E}]
             target_note = (
@@ -433,9 +421,7 @@ def main() -> int:
                     target_note += f" {label}: refused ({exc})."
                     print(f"  planner {label}: {exc}", flush=True)
                     continue
-                p.extra.update(
-                    target_disk=ref.disk, matches=ref.setting, seconds=round(time.perf_counter() - t0, 1)
-                )
+                p.extra.update(target_disk=ref.disk, matches=ref.setting, seconds=round(time.perf_counter() - t0, 1))
                 target_points.append(p)
                 print(
                     f"  planner {p.setting} family {p.family_bytes:,}  disk {p.disk:,}  worst {p.worst:.6f}  ({p.extra['factor_s']} s)",
@@ -858,9 +844,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
     rows = []
     for m in MEMBERS:
         c = codecs.get(m, {})
-        desc = ", ".join(
-            f"{k} {v[0]} ({v[1]:,} B)" for k, v in sorted(c.items(), key=lambda kv: (-kv[1][1], kv[0]))
-        )
+        desc = ", ".join(f"{k} {v[0]} ({v[1]:,} B)" for k, v in sorted(c.items(), key=lambda kv: (-kv[1][1], kv[0])))
         opts = default.extra.get("options", {}).get(m, {})
         recipes = ", ".join(f"{k} x{n}" for k, n in sorted(opts.items(), key=lambda kv: (-kv[1], kv[0])))
         hb = default.extra.get("header_bytes", {}).get(m)
@@ -954,11 +938,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
     ok = [p for p in planner if p.worst >= QUALITY]
     loosest = max(ok, key=e_of) if ok else None
     first_miss = next(
-        (
-            p
-            for p in sorted(planner, key=e_of)
-            if p.worst < QUALITY and (loosest is None or e_of(p) > e_of(loosest))
-        ),
+        (p for p in sorted(planner, key=e_of) if p.worst < QUALITY and (loosest is None or e_of(p) > e_of(loosest))),
         None,
     )
     lines = []
@@ -976,11 +956,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
             f"(worst {fmt_cos(loosest.worst)}), whose related deltas are {loosest.related_bytes / default.related_bytes:.2f}x "
             f"the default's ({loosest.related_bytes:,} vs {default.related_bytes:,} bytes; family "
             f"{loosest.family_bytes:,} vs {default.family_bytes:,})"
-            + (
-                f"; {first_miss.setting} is the first to miss ({fmt_cos(first_miss.worst)})."
-                if first_miss
-                else "."
-            )
+            + (f"; {first_miss.setting} is the first to miss ({fmt_cos(first_miss.worst)})." if first_miss else ".")
         )
         lines.append(
             "So on this family the default buys margin, not the goal: E = 0.1 comes from the first-order bound, "
@@ -997,9 +973,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
             + "."
         )
     else:
-        lines.append(
-            "The measured worst cosine stays at or above the first-order estimate at every E in the sweep."
-        )
+        lines.append("The measured worst cosine stays at or above the first-order estimate at every E in the sweep.")
     loose = [p for p in planner if e_of(p) >= 1]
     if loose:
         lines.append(

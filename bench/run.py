@@ -25,9 +25,7 @@ NOT_SCRIPTS = {"run", "common"}
 
 
 def scripts() -> list[str]:
-    found = sorted(
-        p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_SCRIPTS and not p.stem.startswith("_")
-    )
+    found = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_SCRIPTS and not p.stem.startswith("_"))
     return [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
 
 
@@ -43,9 +41,7 @@ def main(argv: list[str]) -> int:
     for name in chosen:
         print(f"== bench/{name}.py", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.run(
-            [sys.executable, str(BENCH / f"{name}.py")], cwd=BENCH.parent, check=False
-        ).returncode
+        rc = subprocess.run([sys.executable, str(BENCH / f"{name}.py")], cwd=BENCH.parent, check=False).returncode
         timings[name] = time.perf_counter() - t0
         if rc != 0:
             failed[name] = f"exit status {rc}"

@@ -467,9 +467,14 @@ class RefFamily:
             tied = r.get("same_as")
             if tied is not None:
                 target = by_name.get(tied)  # must be an earlier record
-                if target is None or target.get("same_as") is not None or (target["shape"], target["dtype"]) != (
-                    r["shape"],
-                    r["dtype"],
+                if (
+                    target is None
+                    or target.get("same_as") is not None
+                    or (target["shape"], target["dtype"])
+                    != (
+                        r["shape"],
+                        r["dtype"],
+                    )
                 ):
                     raise RefError("format", f"{what}: {r['name']!r}: bad same_as {tied!r}")
             by_name[r["name"]] = r
@@ -500,7 +505,6 @@ class RefFamily:
         return out
 
 
-
 def _part(p: Any, st: SafetensorsFile, keys: set[str], what: str) -> dict[str, Any]:
     if not isinstance(p, dict) or not {"key", "dtype", "shape", "encoding"} <= set(p):
         raise RefError("format", f"{what}: a part needs key, dtype, shape and encoding")
@@ -520,9 +524,7 @@ def _part(p: Any, st: SafetensorsFile, keys: set[str], what: str) -> dict[str, A
     fdtype, fshape, _, _ = st.entries[key]
     if enc == "raw":
         if fdtype != dtype or fshape != shape:
-            raise RefError(
-                "codec", f"{what}: raw part {key!r}: file tensor is {fdtype}{fshape}, not {dtype}{shape}"
-            )
+            raise RefError("codec", f"{what}: raw part {key!r}: file tensor is {fdtype}{fshape}, not {dtype}{shape}")
     elif fdtype != "U8" or len(fshape) != 1:
         raise RefError("codec", f"{what}: {enc} part {key!r} must be a 1-D U8 tensor")
     return p
@@ -531,9 +533,7 @@ def _part(p: Any, st: SafetensorsFile, keys: set[str], what: str) -> dict[str, A
 def _expect(p: dict[str, Any], dtypes: set[str] | str, shape: list[int], what: str) -> None:
     ok = p["dtype"] in dtypes if isinstance(dtypes, set) else p["dtype"] == dtypes
     if not ok or p["shape"] != shape:
-        raise RefError(
-            "codec", f"{what}: part {p['key']!r} is {p['dtype']}{p['shape']}, expected {dtypes}{shape}"
-        )
+        raise RefError("codec", f"{what}: part {p['key']!r} is {p['dtype']}{p['shape']}, expected {dtypes}{shape}")
 
 
 def _int_param(params: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
@@ -572,8 +572,12 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
         parts = term["parts"]
         if not isinstance(params, dict) or not isinstance(parts, dict):
             raise RefError("format", f"{tw}: params and parts must be objects")
-        roles = {"dense": {"values"}, "lowrank": {"u", "v"}, "sparse": {"indices", "values"},
-                 "quant": {"codes", "scales"}}[codec]
+        roles = {
+            "dense": {"values"},
+            "lowrank": {"u", "v"},
+            "sparse": {"indices", "values"},
+            "quant": {"codes", "scales"},
+        }[codec]
         if set(parts) != roles:
             raise RefError("codec", f"{tw}: {codec} needs parts {sorted(roles)}, has {sorted(parts)}")
         ps = {role: _part(p, st, keys, tw) for role, p in parts.items()}
@@ -708,9 +712,7 @@ def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.
     return y if y.flags.writeable else y.copy()
 
 
-def _term_value(
-    term: dict[str, Any], st: SafetensorsFile, shape: list[int], m: int, n: int, c: np.dtype
-) -> np.ndarray:
+def _term_value(term: dict[str, Any], st: SafetensorsFile, shape: list[int], m: int, n: int, c: np.dtype) -> np.ndarray:
     codec, parts, params = term["codec"], term["parts"], term.get("params", {})
 
     def get(role: str) -> np.ndarray:

@@ -153,27 +153,18 @@ def test_synthetic_cases(tmp_path: Path) -> None:
     rep = analyze([str(tmp_path / "m.safetensors")], base=str(tmp_path / "base.safetensors"))
     m = rep.member("m")
     a = m.tensor("a.weight")
-    assert (
-        a.status == "dtype_changed" and a.identical and a.changed_fraction == 0.0 and a.rel_drift is not None
-    )
+    assert a.status == "dtype_changed" and a.identical and a.changed_fraction == 0.0 and a.rel_drift is not None
     b = m.tensor("b.weight")
     assert b.status == "drift" and b.rank99 == 2 and b.cosine is not None and b.cosine > 0.99
     z = m.tensor("zero.bias")
     assert z.rel_drift is None and z.note and "all zeros" in z.note and z.rank99 is None
     assert m.tensor("new.weight").status == "only_in_member"
     nan = m.tensor("nan.weight")
-    assert (
-        nan.status == "drift"
-        and nan.changed_fraction == 1 / 16
-        and nan.rel_drift is None
-        and nan.rank99 is None
-    )
+    assert nan.status == "drift" and nan.changed_fraction == 1 / 16 and nan.rel_drift is None and nan.rank99 is None
     assert nan.note and "non-finite" in nan.note
     c = m.tensor("conv.weight")
     assert c.status == "shape_changed" and c.rel_drift is None and c.note and "not compared" in c.note
-    assert (
-        m.tensor("only_base.weight").status == "only_in_base" and m.tensor("only_base.weight").shape is None
-    )
+    assert m.tensor("only_base.weight").status == "only_in_base" and m.tensor("only_base.weight").shape is None
     assert m.summary.identical == 1 and m.summary.only_in_base == 1 and m.summary.only_in_member == 1
     assert m.related
     json.dumps(rep.to_json(), allow_nan=False)
@@ -187,9 +178,7 @@ def test_synthetic_cases(tmp_path: Path) -> None:
 
 def test_effective_rank_exact_and_randomised(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(1)
-    low = torch.randn(150, 7, generator=g, dtype=torch.float64) @ torch.randn(
-        7, 100, generator=g, dtype=torch.float64
-    )
+    low = torch.randn(150, 7, generator=g, dtype=torch.float64) @ torch.randn(7, 100, generator=g, dtype=torch.float64)
     noise = torch.randn(150, 100, generator=g)
     exact_low, exact_noise = effective_rank(low), effective_rank(noise)
     assert exact_low == 7 and 50 < exact_noise < 100
@@ -340,9 +329,7 @@ def one_line_error(stderr: str, code: str) -> str:
 def test_cli_tables_heatmap_and_json_file(tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     names = ["top_ft", "lora", "unrelated"]
-    code, out, _ = invoke(
-        "analyze", *[f"{n}={FAMILY / n}" for n in names], "--base", BASE, "--json", str(path)
-    )
+    code, out, _ = invoke("analyze", *[f"{n}={FAMILY / n}" for n in names], "--base", BASE, "--json", str(path))
     assert code == 0, out
     for fragment in (
         "members against the base",
@@ -395,9 +382,7 @@ def test_cli_one_line_errors(args: list[str], code: str, fragment: str) -> None:
 
 def test_cli_plot(tmp_path: Path) -> None:
     png = tmp_path / "drift.png"
-    code, _, err = invoke(
-        "analyze", f"lora={FAMILY / 'lora'}", "--base", BASE, "--plot", str(png), "--no-rank"
-    )
+    code, _, err = invoke("analyze", f"lora={FAMILY / 'lora'}", "--base", BASE, "--plot", str(png), "--no-rank")
     if importlib.util.find_spec("matplotlib") is None:
         assert code == 2
         assert "pip install 'wfactor[plot]'" in one_line_error(err, "input")

@@ -27,8 +27,16 @@ def one_line_error(stderr: str, code: str) -> None:
 
 def test_factor_inspect_verify_materialize(tmp_path: Path) -> None:
     fam = tmp_path / "fam"
-    code, out, _ = invoke("factor", f"lora={FAMILY / 'lora'}", f"{FAMILY / 'top_ft'}", "--base", str(FAMILY / "base"),
-                          "-o", str(fam), "--json")
+    code, out, _ = invoke(
+        "factor",
+        f"lora={FAMILY / 'lora'}",
+        f"{FAMILY / 'top_ft'}",
+        "--base",
+        str(FAMILY / "base"),
+        "-o",
+        str(fam),
+        "--json",
+    )
     assert code == 0
     rep = json.loads(out)
     assert [m["name"] for m in rep["members"]] == ["lora", "top_ft"]  # name defaults to the directory
@@ -41,7 +49,9 @@ def test_factor_inspect_verify_materialize(tmp_path: Path) -> None:
     assert code == 0 and json.loads(out)["ok"] is True
     code, out, _ = invoke("materialize", str(fam), "lora", "-o", str(tmp_path / "m"), "--json")
     assert code == 0 and json.loads(out)["files"] == ["config.json", "model.safetensors", "tokenizer_config.json"]
-    code, out, _ = invoke("factor", f"lora={FAMILY / 'lora'}", "--base", str(FAMILY / "base"), "-o", str(tmp_path / "t"))
+    code, out, _ = invoke(
+        "factor", f"lora={FAMILY / 'lora'}", "--base", str(FAMILY / "base"), "-o", str(tmp_path / "t")
+    )
     assert code == 0 and "total" in out and "lowrank" in out
 
 
@@ -61,12 +71,28 @@ def test_verify_exits_1_on_mismatch(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args,code,fragment",
     [
-        (["factor", "missing/path", "--base", str(FAMILY / "base"), "-o", "OUT"], "not_found", "missing/path: no such file or directory"),
-        (["factor", str(FAMILY / "lora"), "--base", str(FAMILY / "lora" / "config.json"), "-o", "OUT"], "not_safetensors", "config.json"),
+        (
+            ["factor", "missing/path", "--base", str(FAMILY / "base"), "-o", "OUT"],
+            "not_found",
+            "missing/path: no such file or directory",
+        ),
+        (
+            ["factor", str(FAMILY / "lora"), "--base", str(FAMILY / "lora" / "config.json"), "-o", "OUT"],
+            "not_safetensors",
+            "config.json",
+        ),
         (["factor", "bad name=x", "--base", str(FAMILY / "base"), "-o", "OUT"], "input", "member name 'bad name'"),
         (["inspect", "nowhere"], "not_found", "nowhere: no such family directory"),
-        (["factor", f"a={FAMILY / 'lora'}", f"a={FAMILY / 'top_ft'}", "--base", str(FAMILY / "base"), "-o", "OUT"], "input", "used twice"),
-        (["factor", str(FAMILY / "lora"), "--base", str(FAMILY / "base"), "-o", "OUT", "--max-rel-error", "0"], "input", "must be > 0"),
+        (
+            ["factor", f"a={FAMILY / 'lora'}", f"a={FAMILY / 'top_ft'}", "--base", str(FAMILY / "base"), "-o", "OUT"],
+            "input",
+            "used twice",
+        ),
+        (
+            ["factor", str(FAMILY / "lora"), "--base", str(FAMILY / "base"), "-o", "OUT", "--max-rel-error", "0"],
+            "input",
+            "must be > 0",
+        ),
     ],
 )
 def test_user_mistakes_get_one_line_errors(tmp_path: Path, args: list[str], code: str, fragment: str) -> None:

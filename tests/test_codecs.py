@@ -129,7 +129,12 @@ def test_no_codec_or_reader_writes_into_its_inputs() -> None:
     delta = target - base
     d0 = delta.clone()
     u, s, vh = lowrank.spectrum(delta, 4)
-    encs = [quant.encode(*quant.best(delta, 3), 3), lowrank.encode(u, s, vh, 2), sparse.encode(delta, 10), dense.encode(target)]
+    encs = [
+        quant.encode(*quant.best(delta, 3), 3),
+        lowrank.encode(u, s, vh, 2),
+        sparse.encode(delta, 10),
+        dense.encode(target),
+    ]
     for enc in encs:
         p = assemble("w", target, None if enc.codec == "dense" else "w", [enc], None)
         rebuild_planned(p, None if enc.codec == "dense" else base)

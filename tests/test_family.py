@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tinylm
 import torch
 from conftest import FAMILY, MEMBERS, RELATED, member_args
 from safetensors.torch import load_file, save_file
 
-import tinylm
 import wfactor
 from wfactor.errors import BackboneMismatchError, InputError, IntegrityError, NotFoundError, WfactorError
 from wfactor.format.delta import DeltaFile
@@ -130,7 +130,11 @@ def test_identical_tensors_share_the_backbone_storage(lossless_family: Path) -> 
 def test_materialize_writes_a_loadable_model(lossy_family: Path, tmp_path: Path) -> None:
     fam = wfactor.open_family(lossy_family)
     path = fam.materialize("vocab_grown", tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]
     loaded = load_file(str(path))
     sd = fam.state_dict("vocab_grown")
     assert list(loaded) == [k for k in sd] or sorted(loaded) == sorted(sd)
@@ -170,7 +174,9 @@ def test_truncated_file_is_caught_on_open(lossless_family: Path, tmp_path: Path)
 def test_delta_is_refused_against_another_backbone(lossless_family: Path, tmp_path: Path) -> None:
     # a second family whose backbone is another model; move its delta into the first family
     other = tmp_path / "other"
-    wfactor.factor([f"lora={FAMILY / 'lora'}"], base=str(FAMILY / "unrelated"), out=other, budget=wfactor.Budget(lossless=True))
+    wfactor.factor(
+        [f"lora={FAMILY / 'lora'}"], base=str(FAMILY / "unrelated"), out=other, budget=wfactor.Budget(lossless=True)
+    )
     fam_dir = copy_family(lossless_family, tmp_path / "f")
     shutil.copyfile(other / "deltas" / "lora.safetensors", fam_dir / "deltas" / "lora.safetensors")
     man = json.loads((fam_dir / "wfactor.json").read_text())
@@ -251,7 +257,9 @@ def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
     save_file(untied, str(tmp_path / "untied" / "model.safetensors"))
     for budget in (wfactor.Budget(), wfactor.Budget(lossless=True)):
         out = tmp_path / f"fam{budget.lossless}"
-        wfactor.factor([str(tmp_path / "tied"), str(tmp_path / "untied")], base=str(FAMILY / "base"), out=out, budget=budget)
+        wfactor.factor(
+            [str(tmp_path / "tied"), str(tmp_path / "untied")], base=str(FAMILY / "base"), out=out, budget=budget
+        )
         recs = records(out, "tied")
         assert recs["lm_head.weight"].same_as == "embed_tokens.weight"  # type: ignore[attr-defined]
         rebuilt = wfactor.open_family(out).state_dict("tied")

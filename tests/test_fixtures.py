@@ -34,8 +34,9 @@ LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down
 
 
 def _identical(a: dict, b: dict) -> set:
-    return {k for k in b if k in a and a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-            and torch.equal(a[k], b[k])}
+    return {
+        k for k in b if k in a and a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+    }
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +77,19 @@ def test_family_is_small():
 
 
 def test_hf_style_names(base_sd):
-    expected = {"embed_tokens.weight", "embed_positions.weight", "norm.weight", "norm.bias",
-                "lm_head.weight"}
+    expected = {"embed_tokens.weight", "embed_positions.weight", "norm.weight", "norm.bias", "lm_head.weight"}
     for i in range(N_LAYERS):
         p = f"layers.{i}."
         for ln in ("input_layernorm", "post_attention_layernorm"):
             expected |= {p + ln + ".weight", p + ln + ".bias"}
-        for lin in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                    "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        for lin in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             expected |= {p + lin + ".weight", p + lin + ".bias"}
     assert set(base_sd) == expected
     assert all(t.dtype == torch.float32 for t in base_sd.values())
@@ -91,8 +97,9 @@ def test_hf_style_names(base_sd):
 
 def test_top_ft_only_top_changed(base_sd):
     sd = load_state_dict(FAMILY / "top_ft")
-    top = {k for k in base_sd
-           if k.startswith(f"layers.{N_LAYERS - 1}.") or k.startswith("norm.") or k == "lm_head.weight"}
+    top = {
+        k for k in base_sd if k.startswith(f"layers.{N_LAYERS - 1}.") or k.startswith("norm.") or k == "lm_head.weight"
+    }
     assert _identical(sd, base_sd) == set(base_sd) - top
     assert not (top & _identical(sd, base_sd))  # every trained tensor actually moved
 

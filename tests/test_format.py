@@ -50,8 +50,13 @@ def test_streaming_writer_roundtrip_and_alignment(tmp_path: Path) -> None:
         ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "do not fit"),
         ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "after the last tensor"),
         (
-            {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}},
-            b"\0" * 3, None, "contiguous and non-overlapping",
+            {
+                "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]},
+            },
+            b"\0" * 3,
+            None,
+            "contiguous and non-overlapping",
         ),
         ({"t": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "dtype 'Q4'"),
         ({}, b"", 1 << 40, "header declares"),
@@ -60,7 +65,9 @@ def test_streaming_writer_roundtrip_and_alignment(tmp_path: Path) -> None:
         ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"", None, "do not fit"),
     ],
 )
-def test_safetensors_reader_rejects(tmp_path: Path, header: object, data: bytes, hlen: int | None, fragment: str) -> None:
+def test_safetensors_reader_rejects(
+    tmp_path: Path, header: object, data: bytes, hlen: int | None, fragment: str
+) -> None:
     p = raw_file(tmp_path / "bad.safetensors", header, data, hlen)
     with pytest.raises(NotSafetensorsError, match=fragment) as exc:
         SafetensorsFile(p)
@@ -73,10 +80,16 @@ def test_safetensors_reader_limits(tmp_path: Path) -> None:
     p = raw_file(tmp_path / "dims.safetensors", {"t": {"dtype": "U8", "shape": shape, "data_offsets": [0, 1]}}, b"\0")
     with pytest.raises(LimitError, match="at most 8 dimensions"):
         SafetensorsFile(p)
-    p = raw_file(tmp_path / "numel.safetensors", {"t": {"dtype": "U8", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 1]}}, b"\0")
+    p = raw_file(
+        tmp_path / "numel.safetensors",
+        {"t": {"dtype": "U8", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 1]}},
+        b"\0",
+    )
     with pytest.raises(LimitError, match="more than"):
         SafetensorsFile(p)
-    p = raw_file(tmp_path / "name.safetensors", {"x" * 2000: {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    p = raw_file(
+        tmp_path / "name.safetensors", {"x" * 2000: {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"
+    )
     with pytest.raises(LimitError, match="tensor names"):
         SafetensorsFile(p)
     (tmp_path / "short").write_bytes(b"abc")
@@ -190,22 +203,75 @@ def rec(**over: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     "over,fragment",
     [
-        ({"terms": [{"codec": "lowrank", "params": {"rank": 5}, "parts": {"u": part("u", "F16", [4, 5]), "v": part("v", "F16", [5, 6])}}]}, "rank 5 must lie in 1..4"),
-        ({"terms": [{"codec": "lowrank", "params": {"rank": 2}, "parts": {"u": part("u", "F16", [4, 3]), "v": part("v", "F16", [2, 6])}}]}, "part 'u' must be"),
-        ({"terms": [{"codec": "quant", "params": {"bits": 9}, "parts": {"codes": part("c", "I8", [4, 6]), "scales": part("s", "F32", [4])}}]}, "bits 9"),
-        ({"terms": [{"codec": "sparse", "params": {"count": 25}, "parts": {"indices": part("i", "I64", [25]), "values": part("v", "F16", [25])}}]}, "count 25"),
+        (
+            {
+                "terms": [
+                    {
+                        "codec": "lowrank",
+                        "params": {"rank": 5},
+                        "parts": {"u": part("u", "F16", [4, 5]), "v": part("v", "F16", [5, 6])},
+                    }
+                ]
+            },
+            "rank 5 must lie in 1..4",
+        ),
+        (
+            {
+                "terms": [
+                    {
+                        "codec": "lowrank",
+                        "params": {"rank": 2},
+                        "parts": {"u": part("u", "F16", [4, 3]), "v": part("v", "F16", [2, 6])},
+                    }
+                ]
+            },
+            "part 'u' must be",
+        ),
+        (
+            {
+                "terms": [
+                    {
+                        "codec": "quant",
+                        "params": {"bits": 9},
+                        "parts": {"codes": part("c", "I8", [4, 6]), "scales": part("s", "F32", [4])},
+                    }
+                ]
+            },
+            "bits 9",
+        ),
+        (
+            {
+                "terms": [
+                    {
+                        "codec": "sparse",
+                        "params": {"count": 25},
+                        "parts": {"indices": part("i", "I64", [25]), "values": part("v", "F16", [25])},
+                    }
+                ]
+            },
+            "count 25",
+        ),
         ({"terms": [{"codec": "magic", "params": {}, "parts": {}}]}, "unknown codec 'magic'"),
         ({"base": "nope"}, "not in the backbone"),
         ({"base": None}, "needs a dense term"),
         ({"base": "ids"}, "cannot be predicted"),
         (
             {
-                "terms": [{"codec": "lowrank", "params": {"rank": 1}, "parts": {"u": part("u", "F16", [4, 1]), "v": part("v", "F16", [1, 6])}}],
+                "terms": [
+                    {
+                        "codec": "lowrank",
+                        "params": {"rank": 1},
+                        "parts": {"u": part("u", "F16", [4, 1]), "v": part("v", "F16", [1, 6])},
+                    }
+                ],
                 "residual": part("r", "F32", [4, 6], "zstd_planes"),
             },
             "residual cannot follow a lowrank",
         ),
-        ({"terms": [{"codec": "dense", "params": {}, "parts": {"values": part("d", "F32", [4, 6])}}]}, "dense term must be the only term, with base null"),
+        (
+            {"terms": [{"codec": "dense", "params": {}, "parts": {"values": part("d", "F32", [4, 6])}}]},
+            "dense term must be the only term, with base null",
+        ),
     ],
 )
 def test_records_are_validated(over: dict[str, object], fragment: str) -> None:
@@ -215,7 +281,15 @@ def test_records_are_validated(over: dict[str, object], fragment: str) -> None:
 
 def test_valid_record_parses() -> None:
     r = record_from_json(
-        rec(terms=[{"codec": "quant", "params": {"bits": 3}, "parts": {"codes": part("c", "I8", [4, 6], "zstd"), "scales": part("s", "F32", [4])}}]),
+        rec(
+            terms=[
+                {
+                    "codec": "quant",
+                    "params": {"bits": 3},
+                    "parts": {"codes": part("c", "I8", [4, 6], "zstd"), "scales": part("s", "F32", [4])},
+                }
+            ]
+        ),
         BASES,
         "d",
     )

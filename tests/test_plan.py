@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import tinylm
 import torch
 from conftest import FAMILY, MEMBERS, member_args
 
-import tinylm
 import wfactor
 from wfactor.errors import InputError
 from wfactor.format.manifest import read_manifest
@@ -153,6 +153,10 @@ def test_impossible_or_conflicting_targets_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="is not possible"):
         wfactor.factor(member_args(), base=str(FAMILY / "base"), out=tmp_path / "a", budget=Budget(target_bytes=1000))
     with pytest.raises(InputError, match="not both"):
-        wfactor.factor(member_args(), base=str(FAMILY / "base"), out=tmp_path / "b",
-                       budget=Budget(target_bytes=10**7, target_ratio=0.5))
+        wfactor.factor(
+            member_args(),
+            base=str(FAMILY / "base"),
+            out=tmp_path / "b",
+            budget=Budget(target_bytes=10**7, target_ratio=0.5),
+        )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -82,9 +82,7 @@ def _as_f64(a: np.ndarray, dtype: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["lossless", "lossy"])
 @pytest.mark.parametrize("member", MEMBERS)
-def test_reference_reader_matches_library(
-    families: dict[str, Path], sources: Path, kind: str, member: str
-) -> None:
+def test_reference_reader_matches_library(families: dict[str, Path], sources: Path, kind: str, member: str) -> None:
     import wfactor
 
     fam = families[kind]
@@ -288,12 +286,19 @@ def _newer_delta(meta: dict, records: list, tensors: dict) -> None:
         (_other_backbone, "full_ft", {"backbone_mismatch"}),
         (_newer_delta, "full_ft", {"version"}),
     ],
-    ids=["frame-larger", "frame-smaller", "frame-unsized", "frame-trailing", "unknown-codec",
-         "sparse-indices", "stray-tensor", "backbone-digest", "delta-version"],
+    ids=[
+        "frame-larger",
+        "frame-smaller",
+        "frame-unsized",
+        "frame-trailing",
+        "unknown-codec",
+        "sparse-indices",
+        "stray-tensor",
+        "backbone-digest",
+        "delta-version",
+    ],
 )
-def test_refuses_bad_delta(
-    families: dict[str, Path], tmp_path: Path, mutate, member: str, codes: set[str]
-) -> None:
+def test_refuses_bad_delta(families: dict[str, Path], tmp_path: Path, mutate, member: str, codes: set[str]) -> None:
     fam = _copy(families["lossy"], tmp_path)
     _rewrite_delta(fam, member, lambda *a: None)
     assert rr.open_family(fam).state_dict(member)  # the rewriting itself is sound
@@ -337,8 +342,13 @@ def _bad_member_name(fam: Path) -> None:
 
 @pytest.mark.parametrize(
     "mutate, code",
-    [(_dup_key, "format"), (_escape, "format"), (_symlink_escape, "format"), (_newer_manifest, "version"),
-     (_bad_member_name, "format")],
+    [
+        (_dup_key, "format"),
+        (_escape, "format"),
+        (_symlink_escape, "format"),
+        (_newer_manifest, "version"),
+        (_bad_member_name, "format"),
+    ],
 )
 def test_refuses_bad_manifest(families: dict[str, Path], tmp_path: Path, mutate, code: str) -> None:
     fam = _copy(families["lossy"], tmp_path)

@@ -35,8 +35,12 @@ def test_fixture_families_match_the_schema(which: str, request: pytest.FixtureRe
 
 def test_schema_rejects_what_the_spec_forbids() -> None:
     v = validator("#/$defs/manifest")
-    good = {"format": "wfactor.family", "format_version": 1, "members": [],
-            "backbone": {"path": "backbone.safetensors", "sha256": "a" * 64, "size": 1}}
+    good = {
+        "format": "wfactor.family",
+        "format_version": 1,
+        "members": [],
+        "backbone": {"path": "backbone.safetensors", "sha256": "a" * 64, "size": 1},
+    }
     v.validate(good)
     for bad_path in ("../x", "/abs", "a/./b"):
         bad = json.loads(json.dumps(good))
@@ -45,6 +49,11 @@ def test_schema_rejects_what_the_spec_forbids() -> None:
     bad = dict(good, format="other")
     assert not v.is_valid(bad)
     r = validator("#/$defs/record")
-    rec = {"name": "w", "shape": [2], "dtype": "F32", "base": "w",
-           "terms": [{"codec": "quant", "params": {"bits": 12}, "parts": {}}]}
+    rec = {
+        "name": "w",
+        "shape": [2],
+        "dtype": "F32",
+        "base": "w",
+        "terms": [{"codec": "quant", "params": {"bits": 12}, "parts": {}}],
+    }
     assert not r.is_valid(rec)

@@ -330,9 +330,7 @@ def compare_tensor(
 ) -> TensorAnalysis:
     """Compare a member tensor ``w`` with its base tensor ``b`` (CPU tensors of their stored dtypes)."""
     shape, bshape = list(w.shape), list(b.shape)
-    status = (
-        "shape_changed" if shape != bshape else "dtype_changed" if member_dtype != base_dtype else "drift"
-    )
+    status = "shape_changed" if shape != bshape else "dtype_changed" if member_dtype != base_dtype else "drift"
     ta = TensorAnalysis(
         name,
         group_of(name),
@@ -380,9 +378,7 @@ def compare_tensor(
         ta.status = "identical"
     ta.delta_norm, ta.base_norm = math.sqrt(dd), math.sqrt(bn)
     if not all(math.isfinite(x) for x in (dd, ww, bn, wbdot)):
-        ta.note = (
-            ta.note + "; " if ta.note else ""
-        ) + "non-finite values (NaN or infinity): no drift, cosine or rank"
+        ta.note = (ta.note + "; " if ta.note else "") + "non-finite values (NaN or infinity): no drift, cosine or rank"
         return ta
     if bn > 0:
         ta.rel_drift = math.sqrt(dd) / math.sqrt(bn)
@@ -478,9 +474,7 @@ def summarize(tensors: list[TensorAnalysis]) -> tuple[MemberSummary, list[GroupS
         close = [t for t in pop if (t.rel_drift or 0.0) < RELATED_MAX_DRIFT]
         s.close_share_bytes = sum(t.compared * _itemsize(t) for t in close) / total if total else None
         s.close_share_count = len(close) / len(pop)
-        s.identical_share_bytes = (
-            sum(t.compared * _itemsize(t) for t in pop if t.identical) / total if total else None
-        )
+        s.identical_share_bytes = sum(t.compared * _itemsize(t) for t in pop if t.identical) / total if total else None
     ordered = [groups[k] for k in sorted(groups, key=natural_key)]
     return s, ordered
 
@@ -535,8 +529,7 @@ def verdict(s: MemberSummary, shares_nothing: bool) -> tuple[bool, str]:
         extra = f", {ident:.0%} bit-identical" if ident > 0 else ""
         return True, f"{kind}: {figures}, {close}{extra}"
     return False, (
-        f"not derived from the base: {figures}, {close} (models from different random initialisations "
-        "drift about 1.41)"
+        f"not derived from the base: {figures}, {close} (models from different random initialisations drift about 1.41)"
     )
 
 
@@ -569,9 +562,7 @@ def analyze_member(
             binfo = base.info(key)
             w = member.tensor(key)
             b = base.tensor(key)
-            tensors.append(
-                compare_tensor(key, w, b, member_dtype=info.dtype, base_dtype=binfo.dtype, ranks=ranks)
-            )
+            tensors.append(compare_tensor(key, w, b, member_dtype=info.dtype, base_dtype=binfo.dtype, ranks=ranks))
             del w, b
         done += info.nbytes
         if progress is not None:
@@ -595,9 +586,7 @@ def analyze_member(
     summary, groups = summarize(tensors)
     shares_nothing = not any(t.shape is not None and t.shape == t.base_shape for t in tensors)
     related, reason = verdict(summary, shares_nothing)
-    return MemberAnalysis(
-        member.name, str(member.path), related, reason, shares_nothing, summary, groups, tensors
-    )
+    return MemberAnalysis(member.name, str(member.path), related, reason, shares_nothing, summary, groups, tensors)
 
 
 def analyze(
@@ -613,9 +602,7 @@ def analyze(
     args = list(members)
     if base is None:
         if len(args) < 2:
-            raise InputError(
-                "analyze needs a base: pass --base PATH, or at least two models (the first is the base)"
-            )
+            raise InputError("analyze needs a base: pass --base PATH, or at least two models (the first is the base)")
         base_arg, args = args[0], args[1:]
     else:
         base_arg = base

@@ -27,6 +27,7 @@ from .format.safetensors_io import Entry, write_streaming
 from .sources import Source
 from .tensors import format_dtype, to_storage
 
+
 @dataclass
 class Distances:
     names: list[str]
@@ -66,7 +67,13 @@ def pairwise(sources: Sequence[Source]) -> Distances:
                     # exactly as the zero-padded base view of the reconstruction sees it
                     region = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
                     ar, br = a[region], b[region]
-                    d = float(((ar - br) ** 2).sum()) + norms[i] - float((ar * ar).sum()) + norms[j] - float((br * br).sum())
+                    d = (
+                        float(((ar - br) ** 2).sum())
+                        + norms[i]
+                        - float((ar * ar).sum())
+                        + norms[j]
+                        - float((br * br).sum())
+                    )
                 else:
                     d = float(((a - b) ** 2).sum())
                 sq[i, j] += d
@@ -86,6 +93,7 @@ _WIDTH = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 def widest(sources: Sequence[Source], among: Sequence[int]) -> list[int]:
     """Members stored at the widest floating-point precision found: a bf16 backbone would cost every fp32
     member a delta for its lost mantissa bits, so only the widest are medoid candidates."""
+
     def width(s: Source) -> int:
         return max((_WIDTH.get(s.info(k).dtype, 0) for k in s.keys()), default=0)
 

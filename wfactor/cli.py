@@ -18,7 +18,8 @@ from rich.table import Table
 
 from . import __version__
 from .errors import InputError, WfactorError
-from .factor import FactorReport, factor as factor_family
+from .factor import FactorReport
+from .factor import factor as factor_family
 from .family import Family, describe_delta
 from .plan import DEFAULT_MAX_REL_ERROR, Budget
 from .sources import split_spec
@@ -66,8 +67,12 @@ def progress_bar(quiet: bool) -> tuple[Any, Callable[[str, int, int], None] | No
     if quiet or not err.is_terminal:
         return None, None
     bar = Progress(
-        TextColumn("{task.description:>14}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=err, transient=True,
+        TextColumn("{task.description:>14}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
     )
     tasks: dict[str, Any] = {}
 
@@ -88,9 +93,12 @@ def main() -> None:
 def factor_table(rep: FactorReport) -> Table:
     b = rep.budget
     what = (
-        "lossless" if b.lossless
-        else f"target {b.target_bytes} bytes" if b.target_bytes is not None
-        else f"target ratio {b.target_ratio:g}" if b.target_ratio is not None
+        "lossless"
+        if b.lossless
+        else f"target {b.target_bytes} bytes"
+        if b.target_bytes is not None
+        else f"target ratio {b.target_ratio:g}"
+        if b.target_ratio is not None
         else f"max rel error {b.max_rel_error:g} of drift"
     )
     t = Table(title=f"family {rep.path}  (budget: {what})")
@@ -100,43 +108,90 @@ def factor_table(rep: FactorReport) -> Table:
         codecs = ", ".join(f"{k} {v.tensors}" for k, v in sorted(m.codecs.items(), key=lambda kv: -kv[1].bytes))
         if not m.related:
             codecs = "[yellow]unrelated: stored whole[/] " + codecs
-        t.add_row(m.name, human(m.original_bytes), human(m.delta_bytes), f"{m.ratio:.3f}", f"{m.worst_rel_error:.2g}",
-                  f"{m.worst_rel_drift:.2g}", codecs)
+        t.add_row(
+            m.name,
+            human(m.original_bytes),
+            human(m.delta_bytes),
+            f"{m.ratio:.3f}",
+            f"{m.worst_rel_error:.2g}",
+            f"{m.worst_rel_drift:.2g}",
+            codecs,
+        )
     t.add_section()
     o = rep.backbone_origin
-    label = {"base": "backbone (base)", "medoid": f"backbone (medoid: {o.get('member')})",
-             "consensus": "backbone (consensus)"}.get(str(o.get("kind")), "backbone")
+    label = {
+        "base": "backbone (base)",
+        "medoid": f"backbone (medoid: {o.get('member')})",
+        "consensus": "backbone (consensus)",
+    }.get(str(o.get("kind")), "backbone")
     t.add_row(label, human(rep.base_bytes) if rep.base_bytes else "", human(rep.backbone_bytes), "", "", "", "")
     t.add_row(
-        "[bold]total[/]", human(rep.original_bytes), human(rep.family_bytes),
-        f"[bold]{rep.family_bytes / rep.original_bytes:.3f}[/]" if rep.original_bytes else "", "", "", "",
+        "[bold]total[/]",
+        human(rep.original_bytes),
+        human(rep.family_bytes),
+        f"[bold]{rep.family_bytes / rep.original_bytes:.3f}[/]" if rep.original_bytes else "",
+        "",
+        "",
+        "",
     )
     tried = o.get("tried_bytes")
     if isinstance(tried, dict) and len(tried) > 1:
-        t.caption = "backbone candidates tried (family bytes): " + ", ".join(f"{k} {human(v)}" for k, v in tried.items())
+        t.caption = "backbone candidates tried (family bytes): " + ", ".join(
+            f"{k} {human(v)}" for k, v in tried.items()
+        )
     return t
 
 
 @main.command()
 @click.argument("members", nargs=-1, required=True, metavar="[NAME=]PATH...")
-@click.option("--base", "base", default=None, metavar="PATH",
-              help="The base model; it becomes the backbone. Without it, the smaller of the medoid member and "
-                   "the members' element-wise mean is chosen.")
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Family directory to write.")
+@click.option(
+    "--base",
+    "base",
+    default=None,
+    metavar="PATH",
+    help="The base model; it becomes the backbone. Without it, the smaller of the medoid member and "
+    "the members' element-wise mean is chosen.",
+)
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Family directory to write."
+)
 @click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
 @click.option(
-    "--max-rel-error", type=float, default=DEFAULT_MAX_REL_ERROR, show_default=True,
+    "--max-rel-error",
+    type=float,
+    default=DEFAULT_MAX_REL_ERROR,
+    show_default=True,
     help="Per-tensor budget: ||rebuilt - original|| <= E * ||original - base|| (error relative to the drift).",
 )
-@click.option("--target-bytes", type=int, default=None, metavar="N",
-              help="Whole-family budget in bytes: spend them where they cut the error most.")
-@click.option("--target-ratio", type=float, default=None, metavar="R",
-              help="Whole-family budget as a fraction of the models side by side (base + members).")
+@click.option(
+    "--target-bytes",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Whole-family budget in bytes: spend them where they cut the error most.",
+)
+@click.option(
+    "--target-ratio",
+    type=float,
+    default=None,
+    metavar="R",
+    help="Whole-family budget as a fraction of the models side by side (base + members).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing family directory (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def factor(members: tuple[str, ...], base: str, output: Path, lossless: bool, max_rel_error: float,
-           target_bytes: int | None, target_ratio: float | None, force: bool, as_json: bool, quiet: bool) -> None:
+def factor(
+    members: tuple[str, ...],
+    base: str,
+    output: Path,
+    lossless: bool,
+    max_rel_error: float,
+    target_bytes: int | None,
+    target_ratio: float | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Split models into one backbone (the base) plus a small delta per member.
 
     \b
@@ -147,8 +202,9 @@ def factor(members: tuple[str, ...], base: str, output: Path, lossless: bool, ma
 
     def body() -> None:
         bar, update = progress_bar(quiet or as_json)
-        budget = Budget(lossless=lossless, max_rel_error=max_rel_error, target_bytes=target_bytes,
-                        target_ratio=target_ratio)
+        budget = Budget(
+            lossless=lossless, max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio
+        )
         if bar:
             with bar:
                 rep = factor_family(list(members), base, output, budget, force=force, progress=update)
@@ -190,8 +246,13 @@ def materialize(family: Path, name: str, output: Path, force: bool, as_json: boo
 
 @main.command()
 @click.argument("family", type=click.Path(path_type=Path))
-@click.option("--against", "against", multiple=True, metavar="NAME=PATH",
-              help="Rebuild NAME and compare it with the original at PATH, tensor by tensor (repeatable).")
+@click.option(
+    "--against",
+    "against",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Rebuild NAME and compare it with the original at PATH, tensor by tensor (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(family: Path, against: tuple[str, ...], as_json: bool) -> None:
     """Check every file's sha256, every delta's backbone digest, and rebuild every tensor.
@@ -245,13 +306,17 @@ def inspect(target: Path, as_json: bool) -> None:
         if target.is_file():
             with describe_delta(target) as d:
                 codecs: dict[str, list[int]] = {}
+                data: dict[str, Any]
                 for rec in d.records.values():
                     c = codecs.setdefault(rec.codec, [0, 0])
                     c[0] += 1
                     c[1] += sum(d.file.tensors[p.key].nbytes for p in rec.part_specs())
                 data = {
-                    "delta": str(target), "member": d.member, "backbone_sha256": d.backbone_sha256,
-                    "tensors": len(d.records), "bytes": d.file.size,
+                    "delta": str(target),
+                    "member": d.member,
+                    "backbone_sha256": d.backbone_sha256,
+                    "tensors": len(d.records),
+                    "bytes": d.file.size,
                     "codecs": {k: {"tensors": v[0], "bytes": v[1]} for k, v in sorted(codecs.items())},
                 }
             if as_json:
@@ -265,38 +330,65 @@ def inspect(target: Path, as_json: bool) -> None:
             return
         with Family(target) as fam:
             man = fam.manifest
-            members = []
+            members: list[dict[str, Any]] = []
             for m in man.members:
-                members.append({
-                    "name": m.name, "tensors": len(m.tensors), "original_bytes": m.original_bytes,
-                    "delta_bytes": m.delta.size, "ratio": round(m.delta.size / m.original_bytes, 6) if m.original_bytes else 0,
-                    "source": m.source, "plan": m.plan,
-                })
+                members.append(
+                    {
+                        "name": m.name,
+                        "tensors": len(m.tensors),
+                        "original_bytes": m.original_bytes,
+                        "delta_bytes": m.delta.size,
+                        "ratio": round(m.delta.size / m.original_bytes, 6) if m.original_bytes else 0,
+                        "source": m.source,
+                        "plan": m.plan,
+                    }
+                )
             total_orig = sum(m.original_bytes for m in man.members)
             data = {
-                "family": str(target), "format_version": man.format_version, "created_by": man.created_by,
+                "family": str(target),
+                "format_version": man.format_version,
+                "created_by": man.created_by,
                 "backbone": {"path": man.backbone.path, "bytes": man.backbone.size, "sha256": man.backbone.sha256},
                 "family_bytes": man.backbone.size + sum(m.delta.size for m in man.members),
-                "members_original_bytes": total_orig, "members": members,
+                "members_original_bytes": total_orig,
+                "members": members,
             }
         if as_json:
             emit_json(data)
             return
-        out.print(f"family [bold]{target}[/] (format v{man.format_version}, {man.created_by}); "
-                  f"backbone {human(man.backbone.size)} sha256 {man.backbone.sha256[:16]}...", highlight=False)
+        out.print(
+            f"family [bold]{target}[/] (format v{man.format_version}, {man.created_by}); "
+            f"backbone {human(man.backbone.size)} sha256 {man.backbone.sha256[:16]}...",
+            highlight=False,
+        )
         t = Table("member", "tensors", "original", "delta", "ratio", "worst rel err", "bytes per codec")
-        for m in members:
-            plan = m["plan"]
-            per = ", ".join(f"{k} {human(v['bytes'])}" for k, v in sorted(plan.get("codecs", {}).items(), key=lambda kv: -kv[1]["bytes"]))
-            t.add_row(m["name"], str(m["tensors"]), human(m["original_bytes"]), human(m["delta_bytes"]),
-                      f"{m['ratio']:.3f}", f"{plan.get('worst_rel_error', 0):.2g}", per)
+        for row in members:
+            plan = row["plan"]
+            per = ", ".join(
+                f"{k} {human(v['bytes'])}"
+                for k, v in sorted(plan.get("codecs", {}).items(), key=lambda kv: -kv[1]["bytes"])
+            )
+            if plan.get("related") is False:
+                per = "unrelated: stored whole; " + per
+            t.add_row(
+                row["name"],
+                str(row["tensors"]),
+                human(row["original_bytes"]),
+                human(row["delta_bytes"]),
+                f"{row['ratio']:.3f}",
+                f"{plan.get('worst_rel_error', 0):.2g}",
+                per,
+            )
         out.print(t)
-        fam_bytes = data["family_bytes"]
-        out.print(f"family {human(fam_bytes)} for members totalling {human(total_orig)} "
-                  f"({fam_bytes / total_orig:.3f} of their size, backbone included)" if total_orig else "")
+        fam_bytes = int(data["family_bytes"])
+        out.print(
+            f"family {human(fam_bytes)} for members totalling {human(total_orig)} "
+            f"({fam_bytes / total_orig:.3f} of their size, backbone included)"
+            if total_orig
+            else ""
+        )
 
     run(body)
-
 
 
 # -- analyze ---------------------------------------------------------------------------------------------
@@ -355,28 +447,51 @@ def analysis_tables(rep: Any) -> list[Any]:
     from rich.text import Text
 
     base = rep.base
-    items: list[Any] = [
-        Text(f"base {base.name}: {base.path} ({base.tensors} tensors, {human(base.nbytes)})")
-    ]
+    items: list[Any] = [Text(f"base {base.name}: {base.path} ({base.tensors} tensors, {human(base.nbytes)})")]
     t = Table(title="members against the base  (drift = ||W - B|| / ||B||, per tensor)")
-    for col in ("member", "verdict", "tensors", "identical", "changes", "median drift", "max drift",
-                "byte-wtd drift", "rank99 (median, changed matrices)"):
+    for col in (
+        "member",
+        "verdict",
+        "tensors",
+        "identical",
+        "changes",
+        "median drift",
+        "max drift",
+        "byte-wtd drift",
+        "rank99 (median, changed matrices)",
+    ):
         t.add_column(col, justify="left" if col in ("member", "verdict", "changes") else "right")
     for m in rep.models:
         s = m.summary
-        verdict = ("[green]related[/]" if m.related
-                   else "[red bold]shares nothing[/]" if m.shares_nothing else "[red bold]UNRELATED[/]")
+        verdict = (
+            "[green]related[/]"
+            if m.related
+            else "[red bold]shares nothing[/]"
+            if m.shares_nothing
+            else "[red bold]UNRELATED[/]"
+        )
         changes = ", ".join(
-            f"{n} {label}" for n, label in (
-                (s.drift, "drift"), (s.shape_changed, "shape"), (s.dtype_changed, "dtype"),
-                (s.only_in_member, "new"), (s.only_in_base, "missing"),
-            ) if n
+            f"{n} {label}"
+            for n, label in (
+                (s.drift, "drift"),
+                (s.shape_changed, "shape"),
+                (s.dtype_changed, "dtype"),
+                (s.only_in_member, "new"),
+                (s.only_in_base, "missing"),
+            )
+            if n
         )
         ranks = [x.rank99 for x in m.tensors if x.rank99 is not None and not x.identical]
         rank = f"{median(ranks):g}" if ranks else ("-" if not rep.ranks else "0")
         t.add_row(
-            m.name, verdict, str(s.tensors), f"{s.identical} ({human(s.identical_bytes)})", changes or "-",
-            _fmt_drift(s.median_rel_drift), _fmt_drift(s.max_rel_drift), _fmt_drift(s.weighted_rel_drift),
+            m.name,
+            verdict,
+            str(s.tensors),
+            f"{s.identical} ({human(s.identical_bytes)})",
+            changes or "-",
+            _fmt_drift(s.median_rel_drift),
+            _fmt_drift(s.max_rel_drift),
+            _fmt_drift(s.weighted_rel_drift),
             rank,
         )
     items.append(t)
@@ -404,11 +519,14 @@ def analysis_tables(rep: Any) -> list[Any]:
         heat.add_row(*hrow)
     items.append(blocks)
     items.append(heat)
-    items.append(Text(
-        f"'=' every tensor of the block bit-identical to the base; '·' nothing compared; colours: log scale "
-        f"from {DRIFT_LOW:g} (green) to {DRIFT_HIGH:g} (red); fine-tunes drift well under 0.3, "
-        "unrelated models about 1.41", style="dim",
-    ))
+    items.append(
+        Text(
+            f"'=' every tensor of the block bit-identical to the base; '·' nothing compared; colours: log scale "
+            f"from {DRIFT_LOW:g} (green) to {DRIFT_HIGH:g} (red); fine-tunes drift well under 0.3, "
+            "unrelated models about 1.41",
+            style="dim",
+        )
+    )
     return items
 
 
@@ -436,8 +554,12 @@ def plot_heatmap(rep: Any, path: Path) -> None:
             if g is not None and text != "·" and g.rel_drift is not None:
                 data[i, j] = min(max(g.rel_drift, DRIFT_LOW), DRIFT_HIGH)
     cmap = LinearSegmentedColormap.from_list(
-        "wfactor_drift", [(t, tuple(c / 255 for c in _drift_rgb(DRIFT_LOW * (DRIFT_HIGH / DRIFT_LOW) ** t)))
-                          for t in (0.0, 0.45, 0.75, 1.0)]).with_extremes(bad="#dddddd")
+        "wfactor_drift",
+        [
+            (t, tuple(c / 255 for c in _drift_rgb(DRIFT_LOW * (DRIFT_HIGH / DRIFT_LOW) ** t)))
+            for t in (0.0, 0.45, 0.75, 1.0)
+        ],
+    ).with_extremes(bad="#dddddd")
     fig = Figure(figsize=(2.5 + 1.1 * len(members), 1.5 + 0.32 * len(groups)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -462,17 +584,32 @@ def plot_heatmap(rep: Any, path: Path) -> None:
 
 @main.command()
 @click.argument("members", nargs=-1, required=True, metavar="[NAME=]PATH...")
-@click.option("--base", "base", metavar="PATH",
-              help="The model to compare with. Without it the FIRST model given is the base.")
-@click.option("--json", "json_path", metavar="FILE",
-              help="Write the report as JSON (spec/ANALYZE.md); '-' prints it instead of the tables.")
-@click.option("--plot", "plot_path", metavar="FILE", type=click.Path(path_type=Path),
-              help="Also write the heatmap as a PNG (needs matplotlib: pip install 'wfactor[plot]').")
-@click.option("--no-rank", is_flag=True,
-              help="Skip the effective ranks (the SVDs are the slow part on big models).")
+@click.option(
+    "--base", "base", metavar="PATH", help="The model to compare with. Without it the FIRST model given is the base."
+)
+@click.option(
+    "--json",
+    "json_path",
+    metavar="FILE",
+    help="Write the report as JSON (spec/ANALYZE.md); '-' prints it instead of the tables.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    metavar="FILE",
+    type=click.Path(path_type=Path),
+    help="Also write the heatmap as a PNG (needs matplotlib: pip install 'wfactor[plot]').",
+)
+@click.option("--no-rank", is_flag=True, help="Skip the effective ranks (the SVDs are the slow part on big models).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def analyze(members: tuple[str, ...], base: str | None, json_path: str | None, plot_path: Path | None,
-            no_rank: bool, quiet: bool) -> None:
+def analyze(
+    members: tuple[str, ...],
+    base: str | None,
+    json_path: str | None,
+    plot_path: Path | None,
+    no_rank: bool,
+    quiet: bool,
+) -> None:
     """Compare models with a base, tensor by tensor, before factoring them.
 
     Per tensor: bit-identical or not, drift ||W-B||/||B||, cosine, effective rank of the delta (99% of

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .analyze import analyze_member
+from .backbone import medoid, pairwise, widest, write_consensus
 from .errors import InputError
 from .format.constants import (
     AUX_DIR,
@@ -29,8 +31,6 @@ from .format.constants import (
     META_RECORDS,
     META_VERSION,
 )
-from .analyze import analyze_member
-from .backbone import medoid, pairwise, widest, write_consensus
 from .format.manifest import FileRef, Manifest, MemberEntry, TensorMeta, check_member_name, read_manifest
 from .format.records import Record
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
@@ -106,7 +106,9 @@ class FactorReport:
         }
 
 
-def _summarise(name: str, original: int, records: list[Record], sizes: dict[str, int], delta_bytes: int) -> MemberReport:
+def _summarise(
+    name: str, original: int, records: list[Record], sizes: dict[str, int], delta_bytes: int
+) -> MemberReport:
     rep = MemberReport(name, original, delta_bytes, 0.0, "")
     for rec in records:
         st = rep.codecs.setdefault(rec.codec, CodecStat())
@@ -330,9 +332,7 @@ _EMPTY: Any = _Empty()
 def _unrelated(sources: Sequence[Source], backbone: Source) -> set[str]:
     """Members that `wfactor analyze` would call unrelated to ``backbone`` (one rule for both commands;
     spec/ANALYZE.md states it). The backbone itself, when it is a member, is related."""
-    return {
-        s.name for s in sources if s is not backbone and not analyze_member(s, backbone, ranks=False).related
-    }
+    return {s.name for s in sources if s is not backbone and not analyze_member(s, backbone, ranks=False).related}
 
 
 def factor(
@@ -384,7 +384,9 @@ def factor(
             if base is not None:
                 base_src = open_source(base, name="base")
                 opened.append(base_src)
-                candidates.append((base_src, {"kind": "base", "path": str(base_src.path)}, _unrelated(sources, base_src)))
+                candidates.append(
+                    (base_src, {"kind": "base", "path": str(base_src.path)}, _unrelated(sources, base_src))
+                )
             else:
                 dist = pairwise(sources)
                 everyone = list(range(len(sources)))

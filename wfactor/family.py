@@ -91,7 +91,8 @@ class Family:
         if key not in self._cache:
             self._verify_backbone()
             self._cache[key] = {
-                k: from_storage(self._bb_file.numpy(k), info.dtype).to(device) for k, info in self._bb_file.tensors.items()
+                k: from_storage(self._bb_file.numpy(k), info.dtype).to(device)
+                for k, info in self._bb_file.tensors.items()
             }
         return self._cache[key]
 

@@ -154,7 +154,9 @@ class TensorPlanner:
     re-creates any of them deterministically.
     """
 
-    def __init__(self, name: str, target: torch.Tensor, base_name: str | None, base: torch.Tensor | None, budget: Budget):
+    def __init__(
+        self, name: str, target: torch.Tensor, base_name: str | None, base: torch.Tensor | None, budget: Budget
+    ):
         self.name, self.target, self.base_name, self.base, self.budget = name, target, base_name, base, budget
         self.shape = tuple(target.shape)
         if base is not None and (base.dim() != target.dim() or base.is_floating_point() != target.is_floating_point()):
@@ -424,7 +426,7 @@ def allocate(ladders: list[list[tuple[str, int, float]]], spend: int) -> tuple[l
         hull = [pts[0]]
         for p in pts[1:]:
             while len(hull) >= 2:
-                (o1, b1, e1), (o2, b2, e2) = hull[-2], hull[-1]
+                (_o1, b1, e1), (_o2, b2, e2) = hull[-2], hull[-1]
                 if (e1 - e2) / max(b2 - b1, 1) <= (e2 - p[2]) / max(p[1] - b2, 1):
                     hull.pop()  # the middle point is not on the lower convex hull
                 else:

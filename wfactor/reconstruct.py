@@ -53,9 +53,7 @@ def canonical_nan(y: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, canon, y)
 
 
-def predict(
-    record: Record, base: torch.Tensor | None, load: PartLoader, device: torch.device | str
-) -> torch.Tensor:
+def predict(record: Record, base: torch.Tensor | None, load: PartLoader, device: torch.device | str) -> torch.Tensor:
     """round_T(cast_C(view(B)) + terms): the record's prediction in the target dtype, before any residual."""
     target = TORCH_DTYPES[record.dtype]
     cdtype = compute_torch_dtype(record.dtype) if target.is_floating_point else target

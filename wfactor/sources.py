@@ -63,7 +63,9 @@ class Source:
             self._open[f] = sf
             for key, info in sf.tensors.items():
                 if key in self._where:
-                    raise InputError(f"{f}: tensor {key!r} also appears in {self._where[key][0]}; shards must not overlap")
+                    raise InputError(
+                        f"{f}: tensor {key!r} also appears in {self._where[key][0]}; shards must not overlap"
+                    )
                 self._where[key] = (f, info)
 
     def keys(self) -> list[str]:
@@ -123,7 +125,7 @@ def _index_files(index: Path) -> list[Path]:
         weight_map = obj["weight_map"]
         assert isinstance(weight_map, dict)
     except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-        raise InputError(f"{index}: not a safetensors index (expected JSON with a \"weight_map\" object)") from None
+        raise InputError(f'{index}: not a safetensors index (expected JSON with a "weight_map" object)') from None
     names = sorted(set(weight_map.values()))
     files = []
     for n in names:

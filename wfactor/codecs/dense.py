@@ -19,6 +19,8 @@ def encode(target: torch.Tensor) -> Encoded:
     return Encoded(NAME, {}, {"values": (to_storage(target), dtype, encoding)})
 
 
-def decode(parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype) -> torch.Tensor:
+def decode(
+    parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype
+) -> torch.Tensor:
     values = parts["values"]
     return values.to(cdtype) if values.is_floating_point() else values

@@ -53,5 +53,7 @@ def encode(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> Enc
     )
 
 
-def decode(parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype) -> torch.Tensor:
+def decode(
+    parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype
+) -> torch.Tensor:
     return (parts["u"].to(cdtype) @ parts["v"].to(cdtype)).reshape(shape)

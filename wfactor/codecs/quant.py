@@ -58,7 +58,9 @@ def encode(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> Encoded:
     )
 
 
-def decode(parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype) -> torch.Tensor:
+def decode(
+    parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype
+) -> torch.Tensor:
     codes = parts["codes"]
     q = qmax(int(params["bits"]))
     if codes.numel() and int(codes.abs().max()) > q:

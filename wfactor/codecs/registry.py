@@ -13,7 +13,9 @@ from . import dense, lowrank, quant, sparse
 CODECS: dict[str, ModuleType] = {m.NAME: m for m in (dense, lowrank, sparse, quant)}
 
 
-def decode_term(codec: str, parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype) -> torch.Tensor:
+def decode_term(
+    codec: str, parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype
+) -> torch.Tensor:
     try:
         mod = CODECS[codec]
     except KeyError:

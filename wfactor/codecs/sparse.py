@@ -34,7 +34,9 @@ def encode(delta: torch.Tensor, count: int) -> Encoded:
     )
 
 
-def decode(parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype) -> torch.Tensor:
+def decode(
+    parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype
+) -> torch.Tensor:
     idx = parts["indices"]
     numel = 1
     for d in shape:

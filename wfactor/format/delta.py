@@ -31,7 +31,9 @@ def check_version(ver: str | None, where: str) -> None:
 class DeltaFile:
     """A validated delta file. ``records`` is in file order; every part key it names exists."""
 
-    def __init__(self, path: Path, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, backbone_sha256: str | None):
+    def __init__(
+        self, path: Path, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, backbone_sha256: str | None
+    ):
         self.file = SafetensorsFile(path)
         try:
             self._parse(base_shapes, backbone_sha256)
@@ -43,7 +45,9 @@ class DeltaFile:
         meta = self.file.metadata
         where = str(self.file.path)
         if meta.get(META_KIND) != "delta":
-            raise FormatError(f"{where}: not a wfactor delta ({META_KIND} is {meta.get(META_KIND)!r}, expected 'delta')")
+            raise FormatError(
+                f"{where}: not a wfactor delta ({META_KIND} is {meta.get(META_KIND)!r}, expected 'delta')"
+            )
         check_version(meta.get(META_VERSION), where)
         digest = meta.get(META_BACKBONE, "")
         if not SHA256_RE.match(digest):

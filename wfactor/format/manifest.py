@@ -184,7 +184,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     except ValueError as exc:
         raise FormatError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
-        raise FormatError(f"{where}: not a wfactor manifest (\"format\" must be {MANIFEST_FORMAT!r})")
+        raise FormatError(f'{where}: not a wfactor manifest ("format" must be {MANIFEST_FORMAT!r})')
     ver = obj.get("format_version")
     if not isinstance(ver, int) or isinstance(ver, bool) or ver < 1:
         raise FormatError(f"{where}: format_version must be a positive integer")
@@ -213,9 +213,7 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         for t in raw_t:
             if not isinstance(t, dict) or t.get("dtype") not in DTYPES:
                 raise FormatError(f"{w}: each tensor needs name, shape and a known dtype")
-            tensors.append(
-                TensorMeta(check_name(t.get("name"), w), check_shape(t.get("shape"), w), t["dtype"])
-            )
+            tensors.append(TensorMeta(check_name(t.get("name"), w), check_shape(t.get("shape"), w), t["dtype"]))
         ob = m.get("original_bytes", 0)
         if not isinstance(ob, int) or ob < 0:
             raise FormatError(f"{w}: original_bytes must be a non-negative integer")
@@ -238,7 +236,11 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     created_by = obj.get("created_by", "")
     origin = obj.get("backbone_origin", {})
     return Manifest(
-        backbone, members, created_by if isinstance(created_by, str) else "", ver, origin if isinstance(origin, dict) else {}
+        backbone,
+        members,
+        created_by if isinstance(created_by, str) else "",
+        ver,
+        origin if isinstance(origin, dict) else {},
     )
 
 

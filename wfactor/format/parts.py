@@ -71,7 +71,9 @@ def storage_array(arr: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def encode_part(key: str, arr: np.ndarray, dtype: str, encoding: str, level: int = ZSTD_LEVEL) -> tuple[PartSpec, np.ndarray]:
+def encode_part(
+    key: str, arr: np.ndarray, dtype: str, encoding: str, level: int = ZSTD_LEVEL
+) -> tuple[PartSpec, np.ndarray]:
     """(spec, stored array) for one part. The stored array is what goes into the safetensors file."""
     arr = storage_array(arr, dtype)
     spec = PartSpec(key, dtype, tuple(arr.shape), encoding)

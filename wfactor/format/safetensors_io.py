@@ -111,7 +111,9 @@ class SafetensorsFile:
         try:
             header = loads_strict(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise NotSafetensorsError(f"{self.path}: not a safetensors file (header is not valid JSON: {exc})") from None
+            raise NotSafetensorsError(
+                f"{self.path}: not a safetensors file (header is not valid JSON: {exc})"
+            ) from None
         if not isinstance(header, dict):
             raise NotSafetensorsError(f"{self.path}: safetensors header must be a JSON object")
         meta = header.pop("__metadata__", None) or {}
