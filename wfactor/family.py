@@ -8,6 +8,7 @@ So a flipped byte anywhere is caught before a tensor built from it is returned.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_insid
 from .format.parts import PartSpec, read_part
 from .format.records import Record
 from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
+from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat
 from .reconstruct import reconstruct
 from .tensors import bitwise_equal, from_storage, to_storage
 
@@ -31,8 +33,11 @@ from .tensors import bitwise_equal, from_storage, to_storage
 class Family:
     """An opened family directory. Cheap to open; data is read lazily, tensor by tensor."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], delta_cache_bytes: int = 256 << 20) -> None:
         self.root = Path(root)
+        self._held: dict[str, dict[str, torch.Tensor]] = {}
+        self.delta_cache = DeltaCache(delta_cache_bytes)
+        self._records: dict[str, dict[str, Record]] = {}
         self.manifest: Manifest = read_manifest(self.root)
         self._backbone_path = self.manifest.backbone.check_size(self.root)
         for m in self.manifest.members:
@@ -48,7 +53,6 @@ class Family:
             raise
         self._bb_verified = False
         self._base_shapes = {k: (i.shape, i.dtype) for k, i in self._bb_file.tensors.items()}
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- members -----------------------------------------------------------------------------------------
     @property
@@ -86,24 +90,39 @@ class Family:
 
     # -- backbone ----------------------------------------------------------------------------------------
     def backbone(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Every backbone tensor on ``device``, loaded once per device and cached (digest checked first)."""
-        key = str(torch.device(device))
-        if key not in self._cache:
-            self._verify_backbone()
-            self._cache[key] = {
-                k: from_storage(self._bb_file.numpy(k), info.dtype).to(device)
-                for k, info in self._bb_file.tensors.items()
-            }
-        return self._cache[key]
+        """Every backbone tensor on ``device``. Loaded once per (backbone, device) in the process, however many
+        Family objects ask (reference-counted; this Family holds one reference per device until
+        :meth:`release` or :meth:`close`). The file is read in large sequential chunks, hashed as it is read
+        and refused if its SHA-256 differs from the manifest's, before any tensor is returned."""
+        dev = torch.device(device)
+        key = str(dev)
+        if key not in self._held:
+            self._held[key] = BACKBONES.acquire(self.manifest.backbone.sha256, dev, lambda: self._load_backbone(dev))
+        return self._held[key]
+
+    def _load_backbone(self, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+        hasher = hashlib.sha256()
+        length = self._bb_file.size - self._bb_file.data_start
+        flat = read_flat(self._backbone_path, self._bb_file.data_start, length, device, hasher)
+        got = hasher.hexdigest()
+        if got != self.manifest.backbone.sha256:
+            raise IntegrityError(
+                f"{self._backbone_path}: sha256 {got[:16]}..., the manifest records "
+                f"{self.manifest.backbone.sha256[:16]}...; the backbone was modified or replaced"
+            )
+        self._bb_verified = True
+        return tensors_from_flat(self._bb_file, flat), length
 
     def release(self, device: str | torch.device = "cpu") -> None:
-        """Drop the cached backbone of ``device``."""
-        self._cache.pop(str(torch.device(device)), None)
+        """Give back this Family's reference to the backbone on ``device``; the last reference frees it."""
+        key = str(torch.device(device))
+        if self._held.pop(key, None) is not None:
+            BACKBONES.release(self.manifest.backbone.sha256, torch.device(device))
 
     def _base_tensor(self, name: str, device: str | torch.device) -> torch.Tensor:
         key = str(torch.device(device))
-        if key in self._cache:
-            return self._cache[key][name]
+        if key in self._held:
+            return self._held[key][name]
         self._verify_backbone()
         info = self._bb_file.tensors[name]
         return from_storage(self._bb_file.numpy(name), info.dtype).to(device)
@@ -139,10 +158,51 @@ class Family:
             raise type(exc)(f"{where}: {exc.message}") from None
 
     def state_dict(
-        self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        self,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        copy: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Member ``name`` rebuilt on ``device`` (arithmetic runs there). ``dtype`` casts floating tensors."""
-        return dict(self.iter_tensors(name, device, dtype))
+        """Member ``name`` rebuilt on ``device`` (the arithmetic runs there); ``dtype`` casts floating tensors.
+
+        Tensors identical to the backbone are the backbone's own tensors when the backbone is resident on
+        ``device`` (see :meth:`backbone`), unless ``copy=True``. The member's decoded delta parts are kept in
+        a byte-bounded LRU (``delta_cache``): with the backbone resident, making a member ready moves only its
+        delta's bytes, and a second call moves none."""
+        dev = torch.device(device)
+        records, parts = self.load_delta(name, dev)
+        out: dict[str, torch.Tensor] = {}
+        for meta in self.member(name).tensors:
+            rec = records[meta.name]
+            src = records[rec.same_as] if rec.same_as is not None else rec
+            base = self._base_tensor(src.base, dev) if src.base is not None else None
+            t = reconstruct(src, base, lambda spec: parts[spec.key], dev)
+            if copy and base is not None and t.data_ptr() == base.data_ptr():
+                t = t.clone()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out[meta.name] = t
+        return out
+
+    def load_delta(self, name: str, device: str | torch.device = "cpu") -> tuple[dict[str, Record], dict[str, torch.Tensor]]:
+        """The member's records and its decoded parts on ``device`` (from the LRU when there).
+        ``last_delta_bytes`` tells how many delta bytes this call read (0 on a cache hit)."""
+        dev = torch.device(device)
+        self.last_delta_bytes = 0
+        parts = self.delta_cache.get(name, dev)
+        if parts is not None and name in self._records:
+            return self._records[name], parts
+        with self.open_delta(name) as delta:
+            parts = {}
+            for rec in delta.records.values():
+                where = f"{delta.file.path}: tensor {rec.name!r}"
+                for spec in rec.part_specs():
+                    parts[spec.key] = from_storage(read_part(delta.file, spec, where), spec.dtype).to(dev)
+            self._records[name] = delta.records
+            self.last_delta_bytes = self.member(name).delta.size
+        self.delta_cache.put(name, dev, parts)
+        return self._records[name], parts
 
     def materialize(self, name: str, out: str | os.PathLike[str], force: bool = False) -> Path:
         """Write ``out/model.safetensors`` (original names, dtypes, order) plus the member's config files."""
@@ -258,7 +318,9 @@ class Family:
                     )
 
     def close(self) -> None:
-        self._cache.clear()
+        for key in list(self._held):
+            self.release(key)
+        self.delta_cache.clear()
         self._bb_file.close()
 
     def __enter__(self) -> Family:
@@ -291,9 +353,9 @@ class VerifyReport:
         }
 
 
-def open_family(path: str | os.PathLike[str]) -> Family:
+def open_family(path: str | os.PathLike[str], delta_cache_bytes: int = 256 << 20) -> Family:
     """Open a family directory (see :class:`Family`)."""
-    return Family(path)
+    return Family(path, delta_cache_bytes)
 
 
 def describe_delta(path: Path) -> DeltaFile:
