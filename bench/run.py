@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, RESULTS_DIR, machine_info, machine_line
 
-ORDER = ["planner_vs_fixed"]
+ORDER = ["planner_vs_fixed", "load"]
 NOT_SCRIPTS = {"run", "common"}
 
 

@@ -1,0 +1,189 @@
+"""Load times and memory of the loader (issue 4), side by side in one run.
+
+A synthetic family is generated at bench time (never committed) in bench/work/load/: a base of 16 fp32
+matrices of 1024 x 1024 (64 MiB) and four members (a merged rank-8 LoRA on half the matrices, a full
+fine-tune with 1% noise, a top-quarter fine-tune, a bf16 copy of the full fine-tune), factored at the
+default budget. For each member k we time making it ready on the device:
+  (a) its full checkpoint with safetensors.torch.load_file(device=...);
+  (b) cold: a new Family, backbone + delta;
+  (c) with the backbone resident: only the delta.
+Memory after N = 1..4 members, each mode against N full checkpoints: bytes of distinct tensor storages on
+CPU; torch.cuda.memory_allocated on a GPU. Timings are the median of 5 runs, with the files in the page
+cache (the machine has no cold-cache control here): they measure the loader, not the disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH, fmt_bytes, machine_info, machine_line, md_table, write_results
+
+import wfactor
+from wfactor.loader import BACKBONES
+
+WORK = BENCH / "work" / "load"
+N_MATS, DIM, REPEATS = 16, 1024, 5
+MEMBERS = ["lora", "full_ft", "top_ft", "bf16"]
+
+
+def make_family() -> Path:
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.weight": torch.randn(DIM, DIM, generator=g) * 0.02 for i in range(N_MATS)}
+    models = {"base": base}
+    lora = dict(base)
+    for i in range(0, N_MATS, 2):
+        k = f"layers.{i}.weight"
+        lora[k] = base[k] + (torch.randn(DIM, 8, generator=g) @ torch.randn(8, DIM, generator=g)) * 1e-3
+    full = {k: v + 2e-4 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    top = dict(base)
+    for i in range(3 * N_MATS // 4, N_MATS):
+        k = f"layers.{i}.weight"
+        top[k] = base[k] + 5e-4 * torch.randn(DIM, DIM, generator=g)
+    models.update(lora=lora, full_ft=full, top_ft=top, bf16={k: v.to(torch.bfloat16) for k, v in full.items()})
+    shutil.rmtree(WORK, ignore_errors=True)
+    for name, sd in models.items():
+        (WORK / name).mkdir(parents=True)
+        save_file(sd, str(WORK / name / "model.safetensors"))
+    wfactor.factor([f"{m}={WORK / m}" for m in MEMBERS], base=str(WORK / "base"), out=WORK / "family")
+    return WORK / "family"
+
+
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def storage_bytes(sds: list[dict[str, torch.Tensor]]) -> int:
+    seen: dict[int, int] = {}
+    for sd in sds:
+        for t in sd.values():
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fam_dir = make_family()
+    fam0 = wfactor.open_family(fam_dir)
+    bb_bytes = fam0.manifest.backbone.size
+    rows = []
+    for m in MEMBERS:
+        full_path = WORK / m / "model.safetensors"
+        def full() -> None:
+            # on CPU load_file maps the file lazily; touching every element makes the tensors really resident
+            for t in load_file(str(full_path), device=str(device)).values():
+                t.float().sum() if t.dtype == torch.bfloat16 else t.sum()
+
+        t_full = timed(full)
+
+        def cold() -> None:
+            f = wfactor.open_family(fam_dir)
+            f.backbone(device)
+            f.state_dict(m, device)
+            f.close()
+
+        t_cold = timed(cold)
+        holder = wfactor.open_family(fam_dir)
+        holder.backbone(device)  # keeps the backbone resident
+
+        def warm() -> None:
+            f = wfactor.open_family(fam_dir)
+            f.backbone(device)  # already resident: no bytes moved
+            f.state_dict(m, device)
+            f.close()
+
+        t_warm = timed(warm)
+        holder.close()
+        delta = fam0.member(m).delta.size
+        rows.append(
+            [
+                m,
+                f"{t_full * 1e3:.1f}",
+                f"{t_cold * 1e3:.1f}",
+                f"{t_warm * 1e3:.1f}",
+                f"{t_warm / t_full:.2f}",
+                f"{t_cold / t_full:.2f}",
+                fmt_bytes(full_path.stat().st_size),
+                fmt_bytes(bb_bytes + delta),
+                fmt_bytes(delta),
+            ]
+        )
+        print(f"  {m}: full {t_full * 1e3:.1f} ms, cold {t_cold * 1e3:.1f} ms, resident {t_warm * 1e3:.1f} ms", flush=True)
+    assert not BACKBONES.resident(), "a bench Family leaked its backbone reference"
+
+    mem_rows = []
+    fam = wfactor.open_family(fam_dir)
+    bb = fam.backbone(device)
+    sds: list[dict[str, torch.Tensor]] = [bb]
+    fulls: list[dict[str, torch.Tensor]] = []
+    for n, m in enumerate(MEMBERS, start=1):
+        sds.append(fam.state_dict(m, device))
+        fulls.append(load_file(str(WORK / m / "model.safetensors"), device=str(device)))
+        deltas = sum(fam.member(x).delta.size for x in MEMBERS[:n])
+        mem_rows.append(
+            [
+                n,
+                fmt_bytes(storage_bytes(fulls)),
+                fmt_bytes(storage_bytes(sds)),
+                f"{storage_bytes(sds) / storage_bytes(fulls):.2f}",
+                fmt_bytes(bb_bytes + deltas),
+            ]
+        )
+    fam.close()
+    info = machine_info()
+    md = [
+        "## Loading members (issue 4)",
+        "",
+        f"Measured {machine_line(info)}; one run of `bench/load.py`; device `{device}`. "
+        + ("No GPU was available: CPU figures only." if device.type == "cpu" else ""),
+        "",
+        f"Synthetic family: base {N_MATS} x fp32 {DIM}x{DIM} ({fmt_bytes(bb_bytes)}), members {', '.join(MEMBERS)}, "
+        f"default budget. Median of {REPEATS} runs, files in the page cache. (a) touches every element after "
+        "`load_file` (on CPU it maps the file lazily, so an untouched load costs ~1 ms and moves nothing yet). "
+        "Goals (issue 4): (c) <= 0.3 x (a), (b) <= 1.2 x (a).",
+        "",
+        md_table(
+            [
+                "member",
+                "(a) full checkpoint ms",
+                "(b) backbone + delta, cold ms",
+                "(c) delta only, backbone resident ms",
+                "(c)/(a)",
+                "(b)/(a)",
+                "bytes moved (a)",
+                "bytes moved (b)",
+                "bytes moved (c)",
+            ],
+            rows,
+        ),
+        "",
+        "Memory after loading N members (materialised mode: identical tensors are the backbone's own; "
+        "distinct tensor storages counted once):",
+        "",
+        md_table(
+            ["N", "N full checkpoints", "backbone + N rebuilt members", "ratio", "backbone + N delta files"], mem_rows
+        ),
+        "",
+    ]
+    write_results("load", "\n".join(md), {"rows": rows, "memory": mem_rows, "device": str(device)})
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
