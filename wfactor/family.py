@@ -185,7 +185,9 @@ class Family:
             out[meta.name] = t
         return out
 
-    def load_delta(self, name: str, device: str | torch.device = "cpu") -> tuple[dict[str, Record], dict[str, torch.Tensor]]:
+    def load_delta(
+        self, name: str, device: str | torch.device = "cpu"
+    ) -> tuple[dict[str, Record], dict[str, torch.Tensor]]:
         """The member's records and its decoded parts on ``device`` (from the LRU when there).
         ``last_delta_bytes`` tells how many delta bytes this call read (0 on a cache hit)."""
         dev = torch.device(device)

@@ -25,7 +25,9 @@ from .tensors import TORCH_DTYPES
 CHUNK_BYTES = 64 << 20
 
 
-def read_flat(path: Path, start: int, length: int, device: torch.device, hasher: hashlib._Hash | None = None) -> torch.Tensor:
+def read_flat(
+    path: Path, start: int, length: int, device: torch.device, hasher: hashlib._Hash | None = None
+) -> torch.Tensor:
     """Bytes [start, start + length) of ``path`` as one uint8 tensor on ``device``.
 
     ``hasher`` (if given) is fed the whole file, header included, in order."""
