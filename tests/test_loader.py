@@ -15,17 +15,34 @@ from wfactor.tensors import bitwise_equal
 
 def test_backbone_is_shared_across_family_objects_and_freed_on_last_release(lossless_family: Path) -> None:
     a, b = wfactor.open_family(lossless_family), wfactor.open_family(lossless_family)
+    sha = a.manifest.backbone.sha256
+    before = BACKBONES.refs(sha, "cpu")  # other tests' families may hold this backbone too
     bb_a, bb_b = a.backbone("cpu"), b.backbone("cpu")
     assert bb_a is bb_b  # loaded once for the process
-    key = (a.manifest.backbone.sha256, "cpu")
-    assert key in BACKBONES.resident()
-    del bb_a, bb_b
+    assert BACKBONES.refs(sha, "cpu") == before + 2
+    a.backbone("cpu")  # a Family holds one reference per device, however often it asks
+    assert BACKBONES.refs(sha, "cpu") == before + 2
     a.release("cpu")
-    assert key in BACKBONES.resident()  # b still holds it
+    assert BACKBONES.refs(sha, "cpu") == before + 1  # b still holds it
     b.release("cpu")
-    assert key not in BACKBONES.resident()
+    assert BACKBONES.refs(sha, "cpu") == before
+    if before == 0:
+        assert (sha, "cpu") not in BACKBONES.resident()  # the last reference freed it
     a.close()
     b.close()
+
+
+def test_last_release_frees_a_private_backbone(tmp_path: Path) -> None:
+    from conftest import FAMILY
+
+    wfactor.factor([f"lora={FAMILY / 'lora'}"], base=str(FAMILY / "top_ft"), out=tmp_path / "fam")
+    fam = wfactor.open_family(tmp_path / "fam")
+    sha = fam.manifest.backbone.sha256
+    assert BACKBONES.refs(sha, "cpu") == 0
+    fam.backbone("cpu")
+    assert (sha, "cpu") in BACKBONES.resident()
+    fam.close()  # close releases every device
+    assert (sha, "cpu") not in BACKBONES.resident()
 
 
 def test_backbone_tensors_are_views_of_one_buffer_and_equal_the_file(lossless_family: Path) -> None:
@@ -40,18 +57,35 @@ def test_backbone_tensors_are_views_of_one_buffer_and_equal_the_file(lossless_fa
     fam.close()
 
 
-def test_flipped_backbone_byte_is_refused_while_loading(lossless_family: Path, tmp_path: Path) -> None:
-    import shutil
+def test_flipped_backbone_byte_is_refused_while_loading(tmp_path: Path) -> None:
+    from conftest import FAMILY
 
-    shutil.copytree(lossless_family, tmp_path / "f")
+    # a private backbone (no other test holds one with this digest), then one flipped byte
+    wfactor.factor([f"lora={FAMILY / 'lora'}"], base=str(FAMILY / "full_ft"), out=tmp_path / "f")
     p = tmp_path / "f" / "backbone.safetensors"
     data = bytearray(p.read_bytes())
     data[-3] ^= 0x10
     p.write_bytes(bytes(data))
     fam = wfactor.open_family(tmp_path / "f")
+    sha = fam.manifest.backbone.sha256
     with pytest.raises(IntegrityError, match="sha256"):
         fam.backbone("cpu")
-    assert not any(k[0] == fam.manifest.backbone.sha256 for k in BACKBONES.resident())
+    assert BACKBONES.refs(sha, "cpu") == 0 and not fam._held
+    assert not fam.verify().ok
+
+
+def test_a_resident_backbone_is_found_by_content(lossless_family: Path, tmp_path: Path) -> None:
+    """Backbones are shared by digest: a second family with the same backbone reuses the resident tensors
+    and reads nothing; `verify` still hashes that family's own file."""
+    import shutil
+
+    a = wfactor.open_family(lossless_family)
+    bb = a.backbone("cpu")
+    shutil.copytree(lossless_family, tmp_path / "copy")
+    b = wfactor.open_family(tmp_path / "copy")
+    assert b.backbone("cpu") is bb
+    a.close()
+    b.close()
 
 
 def test_second_member_moves_only_its_delta_and_cached_members_move_nothing(lossy_family: Path) -> None:

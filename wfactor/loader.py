@@ -121,6 +121,12 @@ class BackboneRegistry:
             if entry.refs <= 0:
                 del self._entries[key]
 
+    def refs(self, sha256: str, device: torch.device | str) -> int:
+        """How many Family objects hold the backbone on ``device`` (0: not resident)."""
+        with self._lock:
+            entry = self._entries.get((sha256, str(torch.device(device))))
+            return entry.refs if entry is not None else 0
+
     def resident(self) -> dict[tuple[str, str], int]:
         """(sha256, device) -> bytes, for every backbone held."""
         with self._lock:

@@ -1,0 +1,195 @@
+"""attach(): load a family member into a torch module, keeping low-rank deltas factored and backbone
+tensors shared (no copies).
+
+Which tensors stay factored: a weight of an ``nn.Linear`` (or an ``nn.Embedding`` without ``max_norm``)
+whose record is exactly ``base + one lowrank term``, with no residual and no tie (``same_as``), and whose
+backbone tensor has the member tensor's shape and dtype. Every other tensor is taken from
+``family.iter_tensors`` (the same values as ``family.state_dict``): tensors identical to the backbone are
+the backbone's own cached tensors there, so they stay shared; the rest are materialised per member.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError
+from ..family import Family
+from ..format.parts import read_part
+from ..format.records import Record
+from ..tensors import TORCH_DTYPES, from_storage
+from .layers import FactoredEmbedding, FactoredLinear
+
+
+@dataclass
+class LowRankFactors:
+    """A member tensor W = backbone[base] + u @ v (u: [out, r], v: [r, in], in the backbone tensor's dtype)."""
+
+    base: str
+    base_weight: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+def _simple_lowrank(rec: Record, backbone: dict[str, torch.Tensor]) -> bool:
+    if rec.same_as is not None or rec.base is None or rec.residual is not None:
+        return False
+    if len(rec.terms) != 1 or rec.terms[0].codec != "lowrank" or len(rec.shape) != 2:
+        return False
+    base = backbone.get(rec.base)
+    target = TORCH_DTYPES.get(rec.dtype)
+    return (
+        base is not None
+        and target is not None
+        and target.is_floating_point
+        and tuple(base.shape) == tuple(rec.shape)
+        and base.dtype == target
+    )
+
+
+def lowrank_factors(
+    family: Family, name: str, device: str | torch.device = "cpu", only: set[str] | None = None
+) -> dict[str, LowRankFactors]:
+    """The member's tensors that are ``backbone + U @ V`` exactly (see the module docstring), as factors.
+
+    ``base_weight`` is the family's cached backbone tensor on ``device`` itself (``family.backbone(device)``);
+    U and V are read from the delta and cast to that tensor's dtype. ``only`` restricts to those names.
+    """
+    backbone = family.backbone(device)
+    out: dict[str, LowRankFactors] = {}
+    with family.open_delta(name) as d:
+        for tname, rec in d.records.items():
+            if only is not None and tname not in only:
+                continue
+            if not _simple_lowrank(rec, backbone):
+                continue
+            assert rec.base is not None
+            base = backbone[rec.base]
+            where = f"{d.file.path}: tensor {tname!r}"
+            u_spec, v_spec = rec.terms[0].parts["u"], rec.terms[0].parts["v"]
+            u = from_storage(read_part(d.file, u_spec, where), u_spec.dtype).to(device=base.device, dtype=base.dtype)
+            v = from_storage(read_part(d.file, v_spec, where), v_spec.dtype).to(device=base.device, dtype=base.dtype)
+            out[tname] = LowRankFactors(rec.base, base, u, v)
+    return out
+
+
+def _default_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def _join(prefix: str, local: str) -> str:
+    return f"{prefix}.{local}" if prefix else local
+
+
+def _factorable(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return type(mod).forward is nn.Linear.forward
+    if isinstance(mod, nn.Embedding):
+        return type(mod).forward is nn.Embedding.forward and mod.max_norm is None
+    return False
+
+
+def attach(module: nn.Module, family: Family, name: str, device: str | torch.device | None = None) -> nn.Module:
+    """Give ``module`` (built from the member's config) the weights of family member ``name``.
+
+    Linear / Embedding layers whose weight is ``backbone + U @ V`` become ``FactoredLinear`` /
+    ``FactoredEmbedding`` over the shared backbone tensor; every other parameter (and every buffer the
+    member has) is loaded from the member, sharing the backbone's storage where identical. Parameters
+    are frozen (``requires_grad=False``) and take the member's dtypes. Modifies ``module`` in place and
+    returns it (or the replacement layer, if ``module`` itself is a factored Linear/Embedding).
+
+    Raises ``InputError`` naming the first module parameter the member lacks, the first member tensor the
+    module lacks, or the first tensor whose shapes differ.
+    """
+    dev = torch.device(device) if device is not None else _default_device(module)
+    entry = family.member(name)
+    metas = {t.name: t for t in entry.tensors}
+    where = f"{family.root}: member {name!r}"
+
+    # -- inventory of the module's tensor slots (every alias of a tied tensor included) ----------------
+    params: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
+    buffers: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+    modules: list[tuple[str, nn.Module]] = list(module.named_modules(remove_duplicate=False))
+    for prefix, mod in modules:
+        for local, p in mod._parameters.items():
+            if p is not None:
+                params[_join(prefix, local)] = (mod, local, p)
+        for local, b in mod._buffers.items():
+            if b is not None:
+                buffers[_join(prefix, local)] = (mod, local, b)
+    aliases: dict[int, list[str]] = {}
+    for pname, (_, _, p) in params.items():
+        aliases.setdefault(id(p), []).append(pname)
+
+    # -- match names and shapes -------------------------------------------------------------------------
+    for pname, (_, _, p) in params.items():
+        if not any(a in metas for a in aliases[id(p)]):
+            raise InputError(f"{where}: the module's parameter {pname!r} is not a tensor of the member")
+    slots = {**{k: v[2] for k, v in params.items()}, **{k: v[2] for k, v in buffers.items()}}
+    for meta in entry.tensors:
+        if meta.name not in slots:
+            raise InputError(f"{where}: the member's tensor {meta.name!r} is not a parameter or buffer of the module")
+        have = tuple(slots[meta.name].shape)
+        if have != tuple(meta.shape):
+            raise InputError(
+                f"{where}: tensor {meta.name!r} is {list(meta.shape)} in the member, {list(have)} in the module"
+            )
+
+    # -- which layers stay factored ---------------------------------------------------------------------
+    candidates: dict[str, str] = {}  # weight tensor name -> module path
+    for prefix, mod in modules:
+        wname = _join(prefix, "weight")
+        if _factorable(mod) and wname in metas and len(aliases[id(mod.weight)]) == 1:
+            candidates[wname] = prefix
+    factors = lowrank_factors(family, name, dev, only=set(candidates)) if candidates else {}
+
+    # -- load everything else (backbone-identical tensors come back as the backbone's own) -------------
+    family.backbone(dev)  # fill the cache first, so identical tensors are the cached ones
+    loaded: dict[str, torch.Tensor] = {}
+    for tname, t in family.iter_tensors(name, dev):
+        if tname not in factors:
+            loaded[tname] = t
+
+    new_params: dict[int, nn.Parameter] = {}
+    for pname, (owner, local, p) in params.items():
+        if pname in factors:
+            continue
+        if id(p) not in new_params:
+            src = next(a for a in aliases[id(p)] if a in loaded)
+            new_params[id(p)] = nn.Parameter(loaded[src], requires_grad=False)
+        owner._parameters[local] = new_params[id(p)]
+    for bname, (owner, local, b) in buffers.items():
+        if bname in loaded:
+            owner._buffers[local] = loaded[bname]
+        elif b.device.type == "meta":
+            raise InputError(f"{where}: buffer {bname!r} is on the meta device and the member does not hold it")
+        else:
+            owner._buffers[local] = b.to(dev)
+
+    # -- swap in the factored layers --------------------------------------------------------------------
+    replaced: dict[int, nn.Module] = {}
+    for wname, prefix in candidates.items():
+        if wname not in factors:
+            continue
+        mod = module.get_submodule(prefix) if prefix else module
+        f = factors[wname]
+        if id(mod) not in replaced:
+            if isinstance(mod, nn.Linear):
+                new: nn.Module = FactoredLinear(f.base_weight, f.u, f.v, mod.bias)
+            else:
+                assert isinstance(mod, nn.Embedding)
+                new = FactoredEmbedding(f.base_weight, f.u, f.v, mod.padding_idx)
+            replaced[id(mod)] = new
+        if not prefix:
+            return replaced[id(mod)]
+    if replaced:
+        for _prefix, mod in modules:
+            for local, child in list(mod._modules.items()):
+                if child is not None and id(child) in replaced:
+                    mod._modules[local] = replaced[id(child)]
+    return module
