@@ -85,14 +85,14 @@ def main() -> None:
     rows = []
     for m in MEMBERS:
         full_path = WORK / m / "model.safetensors"
-        def full() -> None:
+        def full(full_path: Path = full_path) -> None:
             # on CPU load_file maps the file lazily; touching every element makes the tensors really resident
             for t in load_file(str(full_path), device=str(device)).values():
                 t.float().sum() if t.dtype == torch.bfloat16 else t.sum()
 
         t_full = timed(full)
 
-        def cold() -> None:
+        def cold(m: str = m) -> None:
             f = wfactor.open_family(fam_dir)
             f.backbone(device)
             f.state_dict(m, device)
@@ -102,7 +102,7 @@ def main() -> None:
         holder = wfactor.open_family(fam_dir)
         holder.backbone(device)  # keeps the backbone resident
 
-        def warm() -> None:
+        def warm(m: str = m) -> None:
             f = wfactor.open_family(fam_dir)
             f.backbone(device)  # already resident: no bytes moved
             f.state_dict(m, device)
