@@ -85,6 +85,7 @@ def main() -> None:
     rows = []
     for m in MEMBERS:
         full_path = WORK / m / "model.safetensors"
+
         def full(full_path: Path = full_path) -> None:
             # on CPU load_file maps the file lazily; touching every element makes the tensors really resident
             for t in load_file(str(full_path), device=str(device)).values():
@@ -124,7 +125,9 @@ def main() -> None:
                 fmt_bytes(delta),
             ]
         )
-        print(f"  {m}: full {t_full * 1e3:.1f} ms, cold {t_cold * 1e3:.1f} ms, resident {t_warm * 1e3:.1f} ms", flush=True)
+        print(
+            f"  {m}: full {t_full * 1e3:.1f} ms, cold {t_cold * 1e3:.1f} ms, resident {t_warm * 1e3:.1f} ms", flush=True
+        )
     assert not BACKBONES.resident(), "a bench Family leaked its backbone reference"
 
     mem_rows = []
