@@ -299,3 +299,12 @@ def test_valid_record_parses() -> None:
 def test_header_is_deterministic() -> None:
     e = [Entry("b", "F32", (2,)), Entry("a", "F32", (2,))]
     assert header_bytes(e, {"x": "1"}) == header_bytes(list(e), {"x": "1"})
+
+
+def test_every_error_code_is_listed_in_the_spec() -> None:
+    from wfactor.errors import ERROR_CODES
+
+    spec = (Path(__file__).resolve().parents[1] / "spec" / "FORMAT.md").read_text()
+    section = spec[spec.index("## 10. Error codes") : spec.index("## 11.")]
+    missing = [code for code in ERROR_CODES if code != "error" and f"| `{code}` |" not in section]
+    assert not missing, missing

@@ -7,7 +7,6 @@ validating reader that guards family files.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,14 +168,3 @@ def open_source(arg: str, name: str | None = None) -> Source:
     except NotSafetensorsError:
         raise
     return src
-
-
-def read_config(src: Source) -> dict[str, object] | None:
-    for p in src.aux_files:
-        if p.name == "config.json":
-            try:
-                obj = json.loads(p.read_text(encoding="utf-8"))
-                return obj if isinstance(obj, dict) else None
-            except (ValueError, UnicodeDecodeError):
-                return None
-    return None

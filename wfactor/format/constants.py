@@ -55,8 +55,3 @@ PART_ENCODINGS = frozenset({"raw", "zstd", "zstd_planes"})
 
 def itemsize(dtype: str) -> int:
     return DTYPES[dtype][1]
-
-
-def compute_dtype(dtype: str) -> str:
-    """The dtype reconstruction arithmetic runs in for a target dtype (spec section 5.1)."""
-    return "F64" if dtype == "F64" else "F32"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -297,9 +296,3 @@ class SpoolWriter:
 
     def abort(self) -> None:
         self._spool.close()
-
-
-def copy_file_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
