@@ -37,3 +37,22 @@ def lossy_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lossy") / "fam"
     wfactor.factor(member_args(), base=str(FAMILY / "base"), out=out)
     return out
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from wfactor.cli import main
+
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def one_line_error(stderr: str, code: str) -> str:
+    """Assert stderr is exactly one line ``error[code]: ...`` without a traceback; return it."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"error[{code}]: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]

@@ -10,13 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import FAMILY, MEMBERS, RELATED, member_args
+from conftest import FAMILY, MEMBERS, RELATED, invoke, member_args, one_line_error
 from safetensors.torch import save_file
 
 from wfactor import analyze as analyze_mod
 from wfactor.analyze import AnalysisReport, analyze, effective_rank, group_of
-from wfactor.cli import main
 from wfactor.errors import InputError, NotFoundError
 
 BASE = str(FAMILY / "base")
@@ -314,18 +312,6 @@ def test_json_document(report: AnalysisReport) -> None:
 
 
 # -- command line ----------------------------------------------------------------------------------------
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_line_error(stderr: str, code: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"error[{code}]: "), stderr
-    return lines[0]
-
-
 def test_cli_tables_heatmap_and_json_file(tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     names = ["top_ft", "lora", "unrelated"]

@@ -7,22 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import FAMILY
-
-from wfactor.cli import main
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, list(args))
-    return r.exit_code, r.stdout, r.stderr
-
-
-def one_line_error(stderr: str, code: str) -> None:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"error[{code}]: "), stderr
-    assert "Traceback" not in stderr
+from conftest import FAMILY, invoke, one_line_error
 
 
 def test_factor_inspect_verify_materialize(tmp_path: Path) -> None:

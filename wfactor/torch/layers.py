@@ -16,36 +16,27 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class FactoredLinear(nn.Module):
-    """``y = x @ W_base.T + (x @ V.T) @ U.T (+ bias)``: a Linear whose weight is W_base + U @ V."""
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else _frozen(t)
 
-    def __init__(
-        self, base_weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> None:
+
+class _Factored(nn.Module):
+    """What both factored layers share: W = W_base + U @ V, with W_base the backbone's own tensor."""
+
+    def __init__(self, kind: str, base_weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
         super().__init__()
-        out_f, in_f = base_weight.shape
-        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != out_f or v.shape[1] != in_f or u.shape[1] != v.shape[0]:
+        rows, cols = base_weight.shape
+        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != rows or v.shape[1] != cols or u.shape[1] != v.shape[0]:
             raise ValueError(
-                f"FactoredLinear: U {list(u.shape)} and V {list(v.shape)} do not factor a "
-                f"{list(base_weight.shape)} delta"
+                f"{kind}: U {list(u.shape)} and V {list(v.shape)} do not factor a {list(base_weight.shape)} delta"
             )
-        self.in_features = in_f
-        self.out_features = out_f
-        self.base_weight = base_weight if isinstance(base_weight, nn.Parameter) else _frozen(base_weight)
-        self.u = u if isinstance(u, nn.Parameter) else _frozen(u)
-        self.v = v if isinstance(v, nn.Parameter) else _frozen(v)
-        if bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = bias if isinstance(bias, nn.Parameter) else _frozen(bias)
+        self.base_weight = _param(base_weight)
+        self.u = _param(u)
+        self.v = _param(v)
 
     @property
     def rank(self) -> int:
         return int(self.u.shape[1])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base_weight, self.bias)
-        return y + F.linear(F.linear(x, self.v), self.u)
 
     def materialize(self) -> torch.Tensor:
         """W_base + U @ V, allocated on demand (for inspection; forward never builds it)."""
@@ -56,6 +47,24 @@ class FactoredLinear(nn.Module):
         """The dense weight, computed on each access (a new tensor, not a parameter)."""
         return self.materialize()
 
+
+class FactoredLinear(_Factored):
+    """``y = x @ W_base.T + (x @ V.T) @ U.T (+ bias)``: a Linear whose weight is W_base + U @ V."""
+
+    def __init__(
+        self, base_weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__("FactoredLinear", base_weight, u, v)
+        self.out_features, self.in_features = base_weight.shape
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = _param(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base_weight, self.bias)
+        return y + F.linear(F.linear(x, self.v), self.u)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -63,41 +72,19 @@ class FactoredLinear(nn.Module):
         )
 
 
-class FactoredEmbedding(nn.Module):
+class FactoredEmbedding(_Factored):
     """``F.embedding(ids, W_base) + F.embedding(ids, U) @ V``: an Embedding whose table is W_base + U @ V."""
 
     def __init__(
         self, base_weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, padding_idx: int | None = None
     ) -> None:
-        super().__init__()
-        num, dim = base_weight.shape
-        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != num or v.shape[1] != dim or u.shape[1] != v.shape[0]:
-            raise ValueError(
-                f"FactoredEmbedding: U {list(u.shape)} and V {list(v.shape)} do not factor a "
-                f"{list(base_weight.shape)} delta"
-            )
-        self.num_embeddings = num
-        self.embedding_dim = dim
+        super().__init__("FactoredEmbedding", base_weight, u, v)
+        self.num_embeddings, self.embedding_dim = base_weight.shape
         self.padding_idx = padding_idx
-        self.base_weight = base_weight if isinstance(base_weight, nn.Parameter) else _frozen(base_weight)
-        self.u = u if isinstance(u, nn.Parameter) else _frozen(u)
-        self.v = v if isinstance(v, nn.Parameter) else _frozen(v)
-
-    @property
-    def rank(self) -> int:
-        return int(self.u.shape[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = F.embedding(ids, self.base_weight, self.padding_idx)
         return y + F.embedding(ids, self.u, self.padding_idx) @ self.v
-
-    def materialize(self) -> torch.Tensor:
-        return self.base_weight + self.u @ self.v
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense table, computed on each access (a new tensor, not a parameter)."""
-        return self.materialize()
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}"
