@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench fixtures clean
+.PHONY: install demo test fuzz lint bench fixtures docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# 10,000 mutated families through both readers (derandomized: a failure reproduces); `make test` runs 250.
+fuzz: $(STAMP)
+	WFACTOR_FUZZ_EXAMPLES=10000 $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider --hypothesis-show-statistics
+
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff mypy
 	$(VENV)/bin/ruff check wfactor tests bench fixtures
 	$(VENV)/bin/mypy wfactor
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	$(PY) bench/run.py
+
+docs: $(STAMP)
+	$(PY) -m wfactor.clidoc README.md
 
 fixtures: $(STAMP)
 	$(PY) fixtures/make_family.py fixtures/family

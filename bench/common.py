@@ -13,7 +13,10 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +40,22 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 import tinylm
 
 
-def raw_bytes() -> int:
+def raw_bytes(family: Path = FAMILY) -> int:
     """The models side by side: the base plus every member's original checkpoint file."""
-    return sum((FAMILY / m / MODEL_FILE).stat().st_size for m in ["base", *MEMBERS])
+    return sum((family / m / MODEL_FILE).stat().st_size for m in ["base", *MEMBERS])
 
 
-def member_config(name: str) -> dict[str, Any]:
-    cfg: dict[str, Any] = json.loads((FAMILY / name / "config.json").read_text())
+def member_config(name: str, family: Path = FAMILY) -> dict[str, Any]:
+    cfg: dict[str, Any] = json.loads((family / name / "config.json").read_text())
     return cfg
+
+
+def family_label(family: Path) -> str:
+    """How a family directory is named in the results: relative to the repository where it lies inside it."""
+    try:
+        return str(family.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(family)
 
 
 # -- output fidelity ----------------------------------------------------------------------------------
@@ -58,14 +69,15 @@ class Evaluator:
     ``tinylm.output_cosines`` on one pair; the difference is float noise (~1e-10).
     """
 
-    def __init__(self, names: Sequence[str] = (*MEMBERS, "base")) -> None:
+    def __init__(self, names: Sequence[str] = (*MEMBERS, "base"), family: Path = FAMILY) -> None:
+        self.family = family
         self.texts = tinylm.eval_texts()
         self.ids, self.mask = tinylm.encode(self.texts, max_len=128, return_mask=True)
         self.lengths = [int(n) for n in self.mask.sum(1)]
-        self.configs = {n: member_config(n) for n in names}
+        self.configs = {n: member_config(n, family) for n in names}
         self.ref: dict[str, list[torch.Tensor]] = {}
         for n in names:
-            self.ref[n] = self._logits(tinylm.load_model(FAMILY / n))
+            self.ref[n] = self._logits(tinylm.load_model(family / n))
 
     @torch.inference_mode()
     def _logits(self, model: torch.nn.Module) -> list[torch.Tensor]:
@@ -95,7 +107,7 @@ class Evaluator:
 
     def self_check(self, a: str = "base", b: str = "full_ft") -> float:
         """Max |difference| from ``tinylm.output_cosines`` on one pair of originals."""
-        ref = tinylm.output_cosines(tinylm.load_model(FAMILY / a), tinylm.load_model(FAMILY / b))
+        ref = tinylm.output_cosines(tinylm.load_model(self.family / a), tinylm.load_model(self.family / b))
         mine = self._cosines(self.ref[a], self.ref[b])
         return max(abs(p - q) for p, q in zip(ref, mine))
 
@@ -137,6 +149,61 @@ def machine_line(info: Mapping[str, Any]) -> str:
         f"Python {info['python']}, torch {info['torch']}, wfactor {info['wfactor']} at {info['git_commit']} "
         f"({info['wfactor_tree']}); load average {info['load_avg']}"
     )
+
+
+# -- subprocesses: wall time and peak anonymous memory ------------------------------------------------
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss_anon: int  # bytes; the largest RssAnon seen in /proc/<pid>/status (sampled), 0 if unreadable
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def single_thread_env() -> dict[str, str]:
+    """The environment for a measured subprocess: torch's thread pool sized like the bench's own
+    (``WFACTOR_BENCH_THREADS``, default 1); on a busy machine a pool of idle-spinning threads made the CLI
+    ~10x slower than the same call in-process."""
+    n = os.environ.get(THREADS_ENV, "1")
+    return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def run_measured(
+    cmd: Sequence[str], interval: float = 0.01, cwd: Path = ROOT, env: Mapping[str, str] | None = None
+) -> Measured:
+    """Run ``cmd``; its wall time and peak RssAnon, sampled every ``interval`` seconds while it runs.
+    ``env`` defaults to ``single_thread_env()``."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            list(cmd), cwd=cwd, stdout=out, stderr=err, env=dict(env) if env is not None else single_thread_env()
+        )
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _rss_anon(proc.pid))
+            time.sleep(interval)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        return Measured(
+            seconds, peak, proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        )
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 # -- formatting and results files ---------------------------------------------------------------------

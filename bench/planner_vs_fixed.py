@@ -8,9 +8,12 @@ The planner is run through ``wfactor.factor`` over a sweep of budgets and rebuil
 ``wfactor.open_family``. Each fixed codec is applied to every member tensor that differs from the base,
 encoded with wfactor's own codec modules and ``wfactor.plan.assemble`` and rebuilt with
 ``wfactor.plan.rebuild_planned`` (the reader's code path), so bytes are counted the same way: the stored,
-compressed part bytes. Writes bench/results/planner_vs_fixed.{md,json}.
+compressed part bytes. Writes bench/results/planner_vs_fixed.{md,json} and bench/planner_vs_fixed.png.
 
     .venv/bin/python bench/planner_vs_fixed.py
+
+The machinery takes any family of the fixture's shape through ``Setup`` (``bench/lossy_large.py`` runs it on
+the larger bench family with fewer settings).
 """
 
 from __future__ import annotations
@@ -33,14 +36,15 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plots
 from common import (
     FAMILY,
     MEMBERS,
     MODEL_FILE,
     RELATED,
-    RESULTS_DIR,
     UNRELATED,
     Evaluator,
+    family_label,
     fmt_cos,
     machine_info,
     machine_line,
@@ -144,10 +148,11 @@ def budget_fields() -> set[str]:
 
 
 def run_planner(ev: Evaluator, tmp: Path, label: str, budget: wfactor.Budget) -> Point:
-    out = tmp / label.replace("=", "_").replace(" ", "_")
-    members = [f"{m}={FAMILY / m}" for m in MEMBERS]
+    out = tmp / label.replace("=", "_").replace(" ", "_").replace(",", "")
+    family = ev.family
+    members = [f"{m}={family / m}" for m in MEMBERS]
     t0 = time.perf_counter()
-    rep = wfactor.factor(members, base=str(FAMILY / "base"), out=out, budget=budget)
+    rep = wfactor.factor(members, base=str(family / "base"), out=out, budget=budget)
     t_factor = time.perf_counter() - t0
     fam = wfactor.open_family(out)
     try:
@@ -211,8 +216,8 @@ def exact_store(name: str, t: torch.Tensor, base: torch.Tensor | None) -> tuple[
     return best.nbytes, y
 
 
-def prepare(member: str, base_sd: dict[str, torch.Tensor]) -> list[Item]:
-    sd = load_file(str(FAMILY / member / MODEL_FILE))
+def prepare(member: str, base_sd: dict[str, torch.Tensor], family: Path = FAMILY) -> list[Item]:
+    sd = load_file(str(family / member / MODEL_FILE))
     items = []
     for name, t in sd.items():
         b = base_sd.get(name)
@@ -309,6 +314,7 @@ def enc_bitdelta(member: str, it: Item) -> tuple[int, torch.Tensor]:
 
 
 def fixed_settings() -> list[tuple[str, str, Encoder]]:
+    """The fixture family's fixed-codec sweep."""
     s: list[tuple[str, str, Encoder]] = []
     s += [("quant", f"{k}-bit", enc_quant(k)) for k in range(2, 9)]
     s += [("lowrank", f"rank {r}", enc_lowrank(r)) for r in (1, 2, 4, 8, 16, 32)]
@@ -358,7 +364,22 @@ def enc_none(member: str, it: Item) -> tuple[int, torch.Tensor]:
 
 
 @dataclass
+class Setup:
+    """What to run on which family; the defaults are the fixture family's full sweep."""
+
+    family: Path = FAMILY
+    label: str = "fixture"
+    name: str = NAME
+    title: str = "Planner vs single fixed codecs (issue 3 acceptance)"
+    script: str = "bench/planner_vs_fixed.py"
+    e_sweep: list[float] = field(default_factory=lambda: list(E_SWEEP))
+    target_at_e: list[float] = field(default_factory=lambda: list(TARGET_AT_E))
+    fixed: Callable[[], list[tuple[str, str, Encoder]]] = fixed_settings
+
+
+@dataclass
 class Run:
+    setup: Setup
     info: dict[str, Any]
     raw: int
     base_cos: dict[str, float]
@@ -375,15 +396,17 @@ class Run:
     plot: str | None = None
 
 
-def main() -> int:
+def main(setup: Setup | None = None) -> int:
+    setup = setup or Setup()
+    family = setup.family
     t_start = time.perf_counter()
     torch.manual_seed(0)
     info = machine_info()
-    print(f"[{NAME}] {machine_line(info)}", flush=True)
-    ev = Evaluator()
+    print(f"[{setup.name}] {machine_line(info)}", flush=True)
+    ev = Evaluator(family=family)
     check = ev.self_check()
     assert check < 1e-8, f"fast cosine differs from tinylm.output_cosines by {check}"
-    raw = raw_bytes()
+    raw = raw_bytes(family)
     base_cos = {m: ev.worst_between("base", m) for m in MEMBERS}
 
     # planner sweep ------------------------------------------------------------------------------------
@@ -391,7 +414,7 @@ def main() -> int:
     fields = budget_fields()
     with tempfile.TemporaryDirectory(prefix="wfactor-bench-") as td:
         tmp = Path(td)
-        for e in E_SWEEP:
+        for e in setup.e_sweep:
             p = run_planner(ev, tmp, f"E={e:g}", wfactor.Budget(max_rel_error=e))
             planner.append(p)
             print(
@@ -404,7 +427,7 @@ def main() -> int:
         target_note = "`wfactor.Budget` has no `target_bytes`/`target_ratio` field in this tree: no byte-budget sweep."
         tfield = "target_bytes" if "target_bytes" in fields else ("target_ratio" if "target_ratio" in fields else None)
         if tfield is not None:
-            matched = [p for p in planner if p.setting in {f"E={e:g}" for e in TARGET_AT_E}]
+            matched = [p for p in planner if p.setting in {f"E={e:g}" for e in setup.target_at_e}]
             target_note = (
                 f"`wfactor.Budget.{tfield}` set to the on-disk family bytes of the per-tensor budget at "
                 + (", ".join(p.setting for p in matched) or "(none)")
@@ -430,9 +453,9 @@ def main() -> int:
     t_planner = time.perf_counter() - t_start
 
     # fixed codecs -------------------------------------------------------------------------------------
-    base_sd = load_file(str(FAMILY / "base" / MODEL_FILE))
-    items = {m: prepare(m, base_sd) for m in RELATED}
-    unrel_sd = load_file(str(FAMILY / UNRELATED / MODEL_FILE))
+    base_sd = load_file(str(family / "base" / MODEL_FILE))
+    items = {m: prepare(m, base_sd, family) for m in RELATED}
+    unrel_sd = load_file(str(family / UNRELATED / MODEL_FILE))
     unrelated_bytes = sum(exact_store(k, t, base_sd.get(k))[0] for k, t in unrel_sd.items())
     backbone = planner[0].backbone
     ref_cos: dict[str, float] = {}
@@ -444,7 +467,7 @@ def main() -> int:
     )
     fixed: list[Point] = []
     fixed_view: list[Point] = []  # variant: grown-vocabulary tensors use the base's rows, as the planner does
-    for method, setting, enc in fixed_settings():
+    for method, setting, enc in setup.fixed():
         mb: dict[str, int] = {UNRELATED: unrelated_bytes}
         cos: dict[str, float] = {}
         for m in RELATED:
@@ -465,6 +488,7 @@ def main() -> int:
         print(f"  {pt.label:<24} family {pt.family_bytes:>9,}  worst {pt.worst:.6f}", flush=True)
 
     run = Run(
+        setup,
         info,
         raw,
         base_cos,
@@ -478,7 +502,7 @@ def main() -> int:
         fixed_view,
         unrelated_bytes,
     )
-    run.plot = plot(planner + target_points, fixed)
+    run.plot = plot(setup, planner + target_points, fixed)
     run.seconds = time.perf_counter() - t_start
     data: dict[str, Any] = {
         "machine": info,
@@ -495,9 +519,9 @@ def main() -> int:
         "unrelated_exact_bytes": unrelated_bytes,
     }
     md = render(run, data)
-    path = write_results(NAME, md, data)
+    path = write_results(setup.name, md, data)
     print(md)
-    print(f"[{NAME}] wrote {path} in {run.seconds:.0f} s", flush=True)
+    print(f"[{setup.name}] wrote {path} in {run.seconds:.0f} s", flush=True)
     return 0
 
 
@@ -563,12 +587,13 @@ def render(run: Run, data: dict[str, Any]) -> str:
     }
     out: list[str] = []
     w = out.append
-    w("## Planner vs single fixed codecs (issue 3 acceptance)")
+    setup = run.setup
+    w(f"## {setup.title}")
     w("")
-    w(f"Measured {machine_line(run.info)}; one run of `bench/planner_vs_fixed.py`, {run.seconds:.0f} s.")
+    w(f"Measured {machine_line(run.info)}; one run of `{setup.script}`, {run.seconds:.0f} s.")
     w("")
     w(
-        "Family: `fixtures/family` (base + full_ft, top_ft, lora, bf16, vocab_grown, unrelated; "
+        f"Family: `{family_label(setup.family)}` (base + full_ft, top_ft, lora, bf16, vocab_grown, unrelated; "
         f"{raw:,} bytes side by side). **Quality**: worst logit cosine over the 32 `tinylm.eval_texts()` of "
         "each rebuilt related member vs its original; the family's quality is the minimum over the five "
         "related members. **Family bytes**: the backbone file plus every member's delta payload (the stored, "
@@ -592,7 +617,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
         f"settings are beaten by >= 30%. The hardest is {worst_lit['fixed'].label} ({worst_lit['fixed'].family_bytes:,} "
         f"bytes, worst cosine {fmt_cos(worst_lit['fixed'].worst)}); the cheapest planner point at equal or better "
         f"cosine, {worst_lit['planner'].label if worst_lit['planner'] else 'none'}, is {ratio_str(worst_lit['ratio'])} "
-        f"of its size. On this fixture the goal is out of reach on family bytes whatever the planner does: the "
+        f"of its size. On this family the goal is out of reach on family bytes whatever the planner does: the "
         f"backbone and the unrelated member, which every method stores whole, already take {floor:,} bytes, more "
         f"than 70% of the family bytes of {len(unreachable)} of the {len(fixed)} fixed settings."
     )
@@ -609,6 +634,9 @@ def render(run: Run, data: dict[str, Any]) -> str:
         f"{'met' if data['verdict']['grown_view_met'] else 'missed'} on family bytes; hardest "
         f"{worst_view['fixed'].label}, ratio {ratio_str(worst_view['ratio'])}."
     )
+    i7_lines, data["verdict"]["issue7_lossy"] = issue7_lossy(candidates, fixed)
+    for line in i7_lines:
+        w(line)
     w("")
 
     w("### All points")
@@ -636,7 +664,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
     w(md_table(POINT_HEAD, rows, "ll" + "r" * (len(POINT_HEAD) - 2)))
     w("")
     if run.plot:
-        w(f"![family bytes vs worst cosine](results/{run.plot})")
+        w(f"![related-delta bytes vs worst cosine]({run.plot})")
         w("")
 
     w("### Family-wide byte budget")
@@ -780,7 +808,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
     w("")
     w(
         f'For scale: storing no delta at all ("base alone") gives worst cosine {fmt_cos(run.reference.worst)} '
-        f"({', '.join(f'{m} {fmt_cos(run.reference.cos[m])}' for m in RELATED)}): the fixture's members sit close to "
+        f"({', '.join(f'{m} {fmt_cos(run.reference.cos[m])}' for m in RELATED)}): the {setup.label} family's members sit close to "
         f"their base, so {QUALITY} asks each delta to remove only part of a small divergence."
     )
     w("")
@@ -878,7 +906,7 @@ def render(run: Run, data: dict[str, Any]) -> str:
     def estimate(p: Point) -> float:
         return min(1 - e_of(p) ** 2 * (1 - ref[m]) for m in RELATED)
 
-    w("## Default budget")
+    w("## Default budget" + ("" if setup.label == "fixture" else f" ({setup.label} family)"))
     w("")
     w(
         "The budget E bounds each tensor's error by E x its drift: ||rebuilt - W|| <= E ||W - B||. To first "
@@ -959,10 +987,11 @@ def render(run: Run, data: dict[str, Any]) -> str:
             + (f"; {first_miss.setting} is the first to miss ({fmt_cos(first_miss.worst)})." if first_miss else ".")
         )
         lines.append(
-            "So on this family the default buys margin, not the goal: E = 0.1 comes from the first-order bound, "
-            f"which keeps {QUALITY} for any member within cosine 0.9 of its base (1 - 0.1^2 x 0.1 = 0.999), and is not "
-            "tuned to these fixtures, whose members sit within cosine "
-            f"{min(run.base_cos[m] for m in RELATED):.4f} of the base on the shared vocabulary; the fixture "
+            f"So on this family the default buys margin, not the goal: E = {wfactor.DEFAULT_MAX_REL_ERROR:g} comes from "
+            f"the first-order bound, which keeps {QUALITY} for any member within cosine "
+            f"{1 - 0.001 / wfactor.DEFAULT_MAX_REL_ERROR**2:.1f} of its base (1 - E^2 x (1 - that) = 0.999), and is not "
+            f"tuned to the {setup.label} family, whose members sit within cosine "
+            f"{min(run.base_cos[m] for m in RELATED):.4f} of the base on the shared vocabulary; this family "
             "cannot test that bound's edge."
         )
     viol = [p for p in planner if p.worst < estimate(p)]
@@ -986,33 +1015,84 @@ def render(run: Run, data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(planner: list[Point], fixed: list[Point]) -> str | None:
-    """A size-vs-cosine plot, only where matplotlib is installed; returns its file name under results/."""
-    try:
-        import matplotlib
+def plot(setup: Setup, planner: list[Point], fixed: list[Point]) -> str | None:
+    """Size vs worst cosine, one curve per method (x: the related members' delta bytes); bench/<name>.png."""
+    curves: dict[str, list[tuple[float, float]]] = {
+        "wfactor planner, per-tensor budget E": [
+            (p.related_bytes, p.worst) for p in planner if p.setting.startswith("E=")
+        ],
+        "wfactor planner, family byte target": [
+            (p.related_bytes, p.worst) for p in planner if p.setting.startswith("target=")
+        ],
+    }
+    for p in fixed:
+        curves.setdefault(p.method, []).append((p.related_bytes, p.worst))
+    return plots.size_vs_cosine(
+        curves,
+        f"{setup.name}.png",
+        xlabel="bytes of the five related members' deltas (MB)",
+        title=f"{setup.label} family ({family_label(setup.family)}): delta bytes vs worst logit cosine",
+    )
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[str, list[Point]] = {}
-    for p in planner + fixed:
-        groups.setdefault(p.method, []).append(p)
-    for meth, pts in groups.items():
-        pts = sorted(pts, key=fam_key)
-        ax.plot([p.family_bytes / 1e6 for p in pts], [max(1 - p.worst, 1e-10) for p in pts], "o-", label=meth)
-    ax.set_yscale("log")
-    ax.axhline(1 - QUALITY, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("family bytes (MB)")
-    ax.set_ylabel("1 - worst related cosine")
-    ax.legend()
-    fig.tight_layout()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"{NAME}.png"
-    fig.savefig(RESULTS_DIR / name, dpi=120)
-    plt.close(fig)
-    return name
+
+# Issue 7's lossy goal: at equal worst-case cosine >= 0.999, at most half the bytes of the best fixed-codec peer.
+ISSUE7_QUALITY = 0.999
+ISSUE7_RATIO = 0.5
+
+
+def pareto(points: list[Point], key: Callable[[Point], int]) -> list[Point]:
+    """Points no other point beats on both bytes (<=) and worst cosine (>=, one of them strictly)."""
+    return [
+        f
+        for f in points
+        if not any(key(g) <= key(f) and g.worst >= f.worst and (key(g) < key(f) or g.worst > f.worst) for g in points)
+    ]
+
+
+def issue7_lossy(candidates: list[Point], fixed: list[Point]) -> tuple[list[str], dict[str, Any]]:
+    """Issue 7's lossy goal, two readings, on related-delta bytes and on family bytes:
+    (a) at the 0.999 level: the cheapest planner point with worst cosine >= 0.999 vs the cheapest fixed setting
+        with worst cosine >= 0.999; (b) along the fixed codecs' best curve (their Pareto front at >= 0.999):
+        for each point, the cheapest planner point at equal or better cosine. Goal: ratio <= 0.5."""
+    ok_fixed = [f for f in fixed if f.worst >= ISSUE7_QUALITY]
+    out: dict[str, Any] = {"fixed_settings_at_0999": len(ok_fixed)}
+    if not ok_fixed:
+        return ["- **Issue 7, lossy: not measurable**: no fixed setting reaches worst cosine 0.999."], out
+    lines = []
+    for key, what in ((rel_key, "related-delta bytes"), (fam_key, "family bytes")):
+        best_f = min(ok_fixed, key=key)
+        best_p = cheapest(candidates, ISSUE7_QUALITY, key)
+        ratio_a = key(best_p) / key(best_f) if best_p is not None and key(best_f) else math.inf
+        front = sorted(pareto(ok_fixed, key), key=key)
+        rows = literal_rows(candidates, front, key)
+        worst = max(rows, key=lambda r: r["ratio"])
+        met_a, met_b = ratio_a <= ISSUE7_RATIO, worst["ratio"] <= ISSUE7_RATIO
+        front_desc = ", ".join(r["fixed"].label + " " + ratio_str(r["ratio"]) for r in rows)
+        out[what] = {
+            "at_0999": {
+                "met": met_a,
+                "ratio": ratio_a,
+                "fixed": best_f.label,
+                "planner": best_p.label if best_p else None,
+            },
+            "along_front": {
+                "met": met_b,
+                "ratio": worst["ratio"],
+                "hardest": worst["fixed"].label,
+                "front": [f.label for f in front],
+            },
+        }
+        lines.append(
+            f"- **Issue 7, lossy, {what}: at most half the bytes of the best fixed-codec peer at equal worst "
+            f"cosine >= {ISSUE7_QUALITY}. At the {ISSUE7_QUALITY} level: {'met' if met_a else 'MISSED'}** "
+            f"({best_p.label if best_p else 'no planner point'}, {key(best_p) if best_p else 0:,} bytes, worst "
+            f"{fmt_cos(best_p.worst) if best_p else ''}, vs {best_f.label}, {key(best_f):,} bytes, worst "
+            f"{fmt_cos(best_f.worst)}: {ratio_str(ratio_a)}). **Along the fixed codecs' best curve above "
+            f"{ISSUE7_QUALITY}: {'met' if met_b else 'MISSED'}** ({sum(r['ratio'] <= ISSUE7_RATIO for r in rows)} "
+            f"of its {len(rows)} points beaten 2:1: {front_desc}; "
+            f"hardest {worst['fixed'].label}, worst {fmt_cos(worst['fixed'].worst)})."
+        )
+    return lines, out
 
 
 if __name__ == "__main__":

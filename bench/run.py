@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/run.py                 # all scripts
     .venv/bin/python bench/run.py planner_vs_fixed  # only these (RESULTS.md keeps the others' last results)
+    .venv/bin/python bench/run.py --assemble        # run nothing: rebuild RESULTS.md from bench/results/
 
-A bench script is any ``bench/*.py`` other than this file and ``common.py``; ``ORDER`` fixes the order of
+A bench script is any ``bench/*.py`` other than this file and the helpers in ``NOT_SCRIPTS``; ``ORDER`` fixes the order of
 the known ones, and new scripts run after them in name order. Each script runs in its own process and
 writes ``bench/results/<name>.md`` (its sections) and ``.json`` (its raw figures); this file concatenates
 the ``.md`` files, in order, under a header with the machine's details. A script that fails is reported in
@@ -20,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, RESULTS_DIR, machine_info, machine_line
 
-ORDER = ["planner_vs_fixed", "load"]
-NOT_SCRIPTS = {"run", "common"}
+ORDER = ["lossless", "planner_vs_fixed", "lossy_large", "load", "pipelines", "memory"]
+NOT_SCRIPTS = {"run", "common", "plots", "large_family"}  # helpers, not scripts
 
 
 def scripts() -> list[str]:
@@ -31,7 +32,7 @@ def scripts() -> list[str]:
 
 def main(argv: list[str]) -> int:
     all_names = scripts()
-    chosen = argv or all_names
+    chosen = [] if argv == ["--assemble"] else (argv or all_names)
     unknown = [n for n in chosen if n not in all_names]
     if unknown:
         print(f"error: unknown bench script(s) {unknown}; known: {all_names}", file=sys.stderr)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -15,6 +17,14 @@ RELATED = [m for m in MEMBERS if m != "unrelated"]
 
 if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
+
+# Nothing is fetched from the Hugging Face Hub at test time: a missing path that looks like a Hub id
+# (org/name) is looked up in the local cache only. tests/test_hub.py lays out its own cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# One torch thread in the test process: the fixtures are tiny, and on a small shared CI machine a thread
+# pool spinning against other processes makes them 10-50x slower. (factor() pins one thread by itself.)
+torch.set_num_threads(1)
 
 
 def member_args() -> list[str]:

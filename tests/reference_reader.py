@@ -1,4 +1,4 @@
-"""An independent reader of the wfactor family format v1, written from ``spec/FORMAT.md`` alone.
+"""An independent reader of the wfactor family format v1 and v2, written from ``spec/FORMAT.md`` alone.
 
 It exists to show that the specification is complete: it imports only the Python standard library,
 numpy and zstandard, and shares no code with the ``wfactor`` package.
@@ -18,16 +18,20 @@ Every failure raises :class:`RefError`, whose ``code`` is one of the error codes
 
 Readings chosen where FORMAT.md leaves room (see the report that came with this file):
 
-* zstd frames that declare no size, or a size other than N*s, are ``codec`` errors (4.3 allows
-  ``limit`` or ``codec``); a frame whose declared size is *larger* than the part needs is ``limit``.
-* Breaking a rule of 4.1 (record structure) is ``format``; a part whose dtype/shape/params disagree with
-  its codec (4.2/4.3) is ``codec``; a part key that is not a tensor of the delta is ``format``.
-* The tensor-name limit (7) is applied to record names and manifest tensor names, not to part keys.
+* A zstd frame that declares no content size, or a size other than N*s, is ``limit`` (4.3); a corrupt,
+  truncated or trailed frame is ``codec``.
+* Breaking a rule of 4.1-4.3 (records, terms, parts, bases) is ``codec``; a part key that is not a
+  tensor of the delta, a stray tensor or two records for one tensor is ``format`` (4.1, last paragraph).
+* The tensor-name limit (7) applies to record names and manifest tensor names (1..1024 bytes) and the
+  key limit to every safetensors header key (1..1280 bytes); a header entry holds exactly dtype, shape
+  and data_offsets.
 * The member's manifest ``tensors`` and the delta's records must describe the same tensors (same names,
   shapes and dtypes); otherwise ``format``.
-* 5.1 is applied literally (X = 0 + dense values, X = X + sparse term over *all* elements), except for
-  the sentence "When a record has no terms and B's dtype is T, Y is B itself", which is also applied when
-  the shapes differ (the zero-padded view of B, copied bytewise).
+* 5.1 is applied literally, with its step 0 shortcuts (a dense record is its values, byte for byte; a
+  record without terms whose base has dtype T is the base view copied bytewise, also when the shapes
+  differ), canonical NaNs after rounding to any T, and the BOOL rule of 5.2 for every BOOL result.
+* Informative fields (``created_by``, ``backbone_origin``, ``source``, ``plan``, ``original_bytes``,
+  a record's ``error``) must have the types of the tables; otherwise ``format`` (``codec`` in a record).
 """
 
 from __future__ import annotations
@@ -43,13 +47,14 @@ import zstandard
 
 __all__ = ["RefError", "RefFamily", "open_family", "read_safetensors", "SafetensorsFile", "READER_VERSION"]
 
-READER_VERSION = 1
+READER_VERSION = 2
 
 MIB64 = 64 * 1024 * 1024
 MAX_TENSORS = 1_000_000
 MAX_DIMS = 8
 MAX_ELEMENTS = 2**40
 MAX_NAME_BYTES = 1024
+MAX_KEY_BYTES = 1280
 MAX_MEMBERS = 10_000
 MAX_TERMS = 8
 MEMBER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -182,8 +187,10 @@ class SafetensorsFile:
             raise RefError("limit", f"{what}: {len(names)} tensors > {MAX_TENSORS}")
         self.entries: dict[str, tuple[str, list[int], int, int]] = {}
         for name in names:
+            if not 1 <= len(name.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES:
+                raise RefError("limit", f"{what}: a header key must have 1..{MAX_KEY_BYTES} UTF-8 bytes")
             e = header[name]
-            if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
                 raise RefError("not_safetensors", f"{what}: tensor {name!r}: malformed entry")
             dtype = _check_dtype(e["dtype"], "not_safetensors", f"{what}: tensor {name!r}")
             shape = _check_shape(e["shape"], "not_safetensors", f"{what}: tensor {name!r}")
@@ -209,6 +216,28 @@ class SafetensorsFile:
         np_dtype = DTYPES[dtype][1]
         a = np.frombuffer(self.data, dtype=np_dtype, count=_prod(shape), offset=self.data_start + begin)
         return a.reshape(shape)
+
+
+def _backbone_file(data: bytes, what: str) -> SafetensorsFile:
+    """A backbone file or shard (sections 2, 2.1): safetensors, kind 'backbone' if given, a known version."""
+    st = SafetensorsFile(data, what)
+    kind = st.metadata.get("wfactor.kind")
+    if kind is not None and kind != "backbone":
+        raise RefError("format", f"{what}: wfactor.kind is {kind!r}, not 'backbone'")
+    if "wfactor.format_version" in st.metadata:
+        _meta_version(st.metadata["wfactor.format_version"], what)
+    return st
+
+
+class _Shards:
+    """The tensors of a sharded backbone (section 2.1), with the ``entries``/``array`` of one file."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}
+        self.files: dict[str, SafetensorsFile] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        return self.files[name].array(name)
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, np.ndarray]]:
@@ -244,16 +273,21 @@ def _cast_c(a: np.ndarray, dtype: str, c: np.dtype) -> np.ndarray:
 
 def _round_t(x: np.ndarray, t: str) -> np.ndarray:
     """round_T of section 5.1 step 3, from the compute dtype to T."""
-    if t == "F64":
-        return x.astype(np.float64)
-    if t == "F32":
-        return x.astype(np.float32)  # C is F32 here, so this is the identity
-    if t == "F16":
-        with np.errstate(over="ignore", invalid="ignore"):
-            return x.astype(np.float16)
     if t == "BF16":
         return _f32_to_bf16(x)
-    raise AssertionError(t)
+    canonical = {
+        "F64": (np.float64, np.uint64, 0x7FF8000000000000),
+        "F32": (np.float32, np.uint32, 0x7FC00000),
+        "F16": (np.float16, np.uint16, 0x7E00),
+    }
+    if t not in canonical:
+        raise AssertionError(t)
+    ftype, utype, nan = canonical[t]
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = np.ascontiguousarray(x.astype(ftype))
+    bits = y.view(utype).copy()
+    bits[np.isnan(y)] = utype(nan)
+    return bits.view(ftype)
 
 
 def _padded_view(b: np.ndarray, shape: list[int], dtype: np.dtype) -> np.ndarray:
@@ -328,6 +362,13 @@ def _version(v: Any, what: str) -> int:
     return v
 
 
+def _meta_version(v: Any, what: str) -> int:
+    """A ``wfactor.format_version`` of ``__metadata__``: a decimal string without sign or leading zeros."""
+    if not isinstance(v, str) or not re.fullmatch(r"[1-9][0-9]*", v):
+        raise RefError("format", f"{what}: wfactor.format_version must be a positive decimal string, not {v!r}")
+    return _version(int(v), what)
+
+
 class _Member:
     def __init__(self, m: Any, root_real: str, i: int) -> None:
         what = f"manifest: members[{i}]"
@@ -362,6 +403,8 @@ class _Member:
         for key, typ in (("original_bytes", int), ("source", dict), ("aux_files", list), ("plan", dict)):
             if key in m and not isinstance(m[key], typ):
                 raise RefError("format", f"member {name!r}: {key} has the wrong type")
+        if "original_bytes" in m and (not _is_int(m["original_bytes"]) or m["original_bytes"] < 0):
+            raise RefError("format", f"member {name!r}: original_bytes must be a non-negative integer")
         for j, ref in enumerate(m.get("aux_files", [])):
             _check_fileref(root_real, ref, f"member {name!r}: aux_files[{j}]")
 
@@ -390,9 +433,25 @@ class RefFamily:
         self.format_version = _version(man["format_version"], "wfactor.json")
         if "created_by" in man and not isinstance(man["created_by"], str):
             raise RefError("format", "wfactor.json: created_by must be a string")
+        if "backbone_origin" in man and not isinstance(man["backbone_origin"], dict):
+            raise RefError("format", "wfactor.json: backbone_origin must be an object")
         if "backbone" not in man or "members" not in man:
             raise RefError("format", "wfactor.json: needs backbone and members")
         self.backbone_ref = _check_fileref(self.root, man["backbone"], "backbone")
+        # Section 2.1 (version 2): a sharded backbone; ``backbone`` then names the shard list.
+        self.shard_refs: list[dict[str, Any]] = []
+        if "backbone_shards" in man:
+            shards = man["backbone_shards"]
+            if self.format_version < 2:
+                raise RefError("format", "wfactor.json: backbone_shards needs format_version 2")
+            if not isinstance(shards, list) or not 1 <= len(shards) <= MAX_MEMBERS:
+                raise RefError("format", "wfactor.json: backbone_shards must be an array of 1..10000 FileRefs")
+            for j, ref in enumerate(shards):
+                r = _check_fileref(self.root, ref, f"backbone_shards[{j}]")
+                r["path"] = ref["path"]
+                self.shard_refs.append(r)
+            if len({r["path"] for r in self.shard_refs} | {man["backbone"]["path"]}) != len(shards) + 1:
+                raise RefError("format", "wfactor.json: backbone and backbone_shards must name distinct files")
         members = man["members"]
         if not isinstance(members, list):
             raise RefError("format", "wfactor.json: members must be an array")
@@ -406,6 +465,8 @@ class RefFamily:
             self._members[mem.name] = mem
         # Section 9, reference behaviour: sizes on every open.
         _check_size(self.backbone_ref, "backbone")
+        for j, r in enumerate(self.shard_refs):
+            _check_size(r, f"backbone shard {j}")
         for mem in self._members.values():
             _check_size(mem.delta, f"member {mem.name!r}: delta")
         self._backbone: SafetensorsFile | None = None
@@ -419,11 +480,21 @@ class RefFamily:
     def backbone(self) -> SafetensorsFile:
         if self._backbone is None:
             data = _read_checked(self.backbone_ref, "backbone")
-            st = SafetensorsFile(data, "backbone")
-            kind = st.metadata.get("wfactor.kind")
-            if kind is not None and kind != "backbone":
-                raise RefError("format", f"backbone: wfactor.kind is {kind!r}, not 'backbone'")
-            self._backbone = st
+            if not self.shard_refs:
+                self._backbone = _backbone_file(data, "backbone")
+            else:  # section 2.1: the shard list, rebuilt from backbone_shards, then every shard
+                lines = "".join(f"{r['sha256']}  {r['path']}\n" for r in self.shard_refs).encode("utf-8")
+                if data != lines:
+                    raise RefError("integrity", "backbone: the shard list differs from backbone_shards")
+                union = _Shards()
+                for j, r in enumerate(self.shard_refs):
+                    st = _backbone_file(_read_checked(r, f"backbone shard {j}"), f"backbone shard {j}")
+                    for name in st.entries:
+                        if name in union.entries:
+                            raise RefError("format", f"backbone: tensor {name!r} is in two shards")
+                        union.entries[name] = st.entries[name]
+                        union.files[name] = st
+                self._backbone = union  # type: ignore[assignment]
         return self._backbone
 
     # -- delta ----------------------------------------------------------------------------------------
@@ -441,10 +512,11 @@ class RefFamily:
         meta = st.metadata
         if meta.get("wfactor.kind") != "delta":
             raise RefError("format", f"{what}: wfactor.kind is not 'delta'")
-        v = meta.get("wfactor.format_version")
-        if not isinstance(v, str) or not re.fullmatch(r"[0-9]+", v):
-            raise RefError("format", f"{what}: wfactor.format_version must be a decimal string")
-        _version(int(v), what)
+        _meta_version(meta.get("wfactor.format_version"), what)
+        if not isinstance(meta.get("wfactor.backbone_sha256"), str) or not SHA_RE.fullmatch(
+            meta["wfactor.backbone_sha256"]
+        ):
+            raise RefError("format", f"{what}: wfactor.backbone_sha256 must be 64 lowercase hex digits")
         if meta.get("wfactor.backbone_sha256") != self.backbone_ref["sha256"]:
             raise RefError(
                 "backbone_mismatch",
@@ -507,19 +579,19 @@ class RefFamily:
 
 def _part(p: Any, st: SafetensorsFile, keys: set[str], what: str) -> dict[str, Any]:
     if not isinstance(p, dict) or not {"key", "dtype", "shape", "encoding"} <= set(p):
-        raise RefError("format", f"{what}: a part needs key, dtype, shape and encoding")
+        raise RefError("codec", f"{what}: a part needs key, dtype, shape and encoding")
     key = p["key"]
     if not isinstance(key, str) or key == "":
         raise RefError("format", f"{what}: part key must be a non-empty string")
     if key in keys:
-        raise RefError("format", f"{what}: part key {key!r} used twice")
+        raise RefError("codec", f"{what}: part key {key!r} used twice")
     keys.add(key)
     if key not in st.entries:
         raise RefError("format", f"{what}: part key {key!r} is not a tensor of the delta")
     dtype = _check_dtype(p["dtype"], "codec", f"{what}: part {key!r}")
     shape = _check_shape(p["shape"], "codec", f"{what}: part {key!r}")
     enc = p["encoding"]
-    if enc not in ENCODINGS:
+    if not isinstance(enc, str) or enc not in ENCODINGS:
         raise RefError("codec", f"{what}: part {key!r}: unknown encoding {enc!r}")
     fdtype, fshape, _, _ = st.entries[key]
     if enc == "raw":
@@ -544,18 +616,20 @@ def _int_param(params: dict[str, Any], key: str, lo: int, hi: int, what: str) ->
 
 
 def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> None:
-    if not isinstance(r, dict) or not {"name", "shape", "dtype", "base", "terms"} <= set(r):
-        raise RefError("format", f"{what}: a record needs name, shape, dtype, base and terms")
-    name = _check_tensor_name(r["name"], "format", what)
+    if not isinstance(r, dict) or not {"name", "shape", "dtype", "base"} <= set(r):
+        raise RefError("codec", f"{what}: a record needs name, shape, dtype and base")
+    name = _check_tensor_name(r["name"], "codec", what)
     what = f"{what}: {name!r}"
-    shape = _check_shape(r["shape"], "format", what)
-    t = _check_dtype(r["dtype"], "format", what)
+    shape = _check_shape(r["shape"], "codec", what)
+    t = _check_dtype(r["dtype"], "codec", what)
     base = r["base"]
     if base is not None and not isinstance(base, str):
-        raise RefError("format", f"{what}: base must be a string or null")
-    terms = r["terms"]
+        raise RefError("codec", f"{what}: base must be a string or null")
+    if not isinstance(r.get("error", {}), dict):
+        raise RefError("codec", f"{what}: error must be an object")
+    terms = r.setdefault("terms", [])
     if not isinstance(terms, list):
-        raise RefError("format", f"{what}: terms must be an array")
+        raise RefError("codec", f"{what}: terms must be an array")
     if len(terms) > MAX_TERMS:
         raise RefError("limit", f"{what}: {len(terms)} terms > {MAX_TERMS}")
     residual = r.get("residual")
@@ -564,14 +638,14 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
     for k, term in enumerate(terms):
         tw = f"{what} term {k}"
         if not isinstance(term, dict) or "codec" not in term or "parts" not in term:
-            raise RefError("format", f"{tw}: a term needs codec and parts")
+            raise RefError("codec", f"{tw}: a term needs codec and parts")
         codec = term["codec"]
-        if codec not in CODECS:
+        if not isinstance(codec, str) or codec not in CODECS:
             raise RefError("codec", f"{tw}: unknown codec {codec!r}")
         params = term.get("params", {})
         parts = term["parts"]
         if not isinstance(params, dict) or not isinstance(parts, dict):
-            raise RefError("format", f"{tw}: params and parts must be objects")
+            raise RefError("codec", f"{tw}: params and parts must be objects")
         roles = {
             "dense": {"values"},
             "lowrank": {"u", "v"},
@@ -607,13 +681,13 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
             raise RefError("codec", f"{what}: a same_as record has no base, terms or residual")
         return
     if base is None and codecs != ["dense"]:
-        raise RefError("format", f"{what}: a record without base needs exactly one dense term")
+        raise RefError("codec", f"{what}: a record without base needs exactly one dense term")
     if "dense" in codecs and (codecs != ["dense"] or base is not None):
-        raise RefError("format", f"{what}: a dense term must be the only term, with a null base")
+        raise RefError("codec", f"{what}: a dense term must be the only term, with a null base")
     if t not in FLOATS and any(c != "dense" for c in codecs):
-        raise RefError("format", f"{what}: integer/BOOL records may only use dense")
+        raise RefError("codec", f"{what}: integer/BOOL records may only use dense")
     if "lowrank" in codecs and residual is not None:
-        raise RefError("format", f"{what}: a lowrank record must not have a residual")
+        raise RefError("codec", f"{what}: a lowrank record must not have a residual")
 
 
 def _decode_part(p: dict[str, Any], st: SafetensorsFile) -> np.ndarray:
@@ -627,11 +701,9 @@ def _decode_part(p: dict[str, Any], st: SafetensorsFile) -> np.ndarray:
     frame = st.array(p["key"]).tobytes()
     declared = _frame_content_size(frame, p["key"])
     if declared is None:
-        raise RefError("codec", f"part {p['key']!r}: zstd frame declares no content size")
-    if declared > want:
-        raise RefError("limit", f"part {p['key']!r}: frame declares {declared} bytes, the part needs {want}")
+        raise RefError("limit", f"part {p['key']!r}: zstd frame declares no content size")
     if declared != want:
-        raise RefError("codec", f"part {p['key']!r}: frame declares {declared} bytes, the part needs {want}")
+        raise RefError("limit", f"part {p['key']!r}: frame declares {declared} bytes, the part needs {want}")
     try:
         dobj = zstandard.ZstdDecompressor().decompressobj()
         content = dobj.decompress(frame)
@@ -659,6 +731,10 @@ def _frame_content_size(frame: bytes, key: str) -> int | None:
         raise RefError("codec", f"part {key!r}: reserved bit set in zstd frame header")
     did_size = (0, 1, 2, 4)[fhd & 3]
     pos = 5 + (0 if single_segment else 1) + did_size
+    if len(frame) < pos:
+        raise RefError("codec", f"part {key!r}: truncated zstd frame header")
+    if int.from_bytes(frame[pos - did_size : pos], "little"):
+        raise RefError("codec", f"part {key!r}: zstd frame needs a dictionary (4.3: not allowed)")
     fcs_size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
     if fcs_size == 0:
         return None
@@ -674,17 +750,17 @@ def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.
     b = bdtype = None
     if base is not None:
         if base not in bb.entries:
-            raise RefError("format", f"{what}: base {base!r} is not a backbone tensor")
+            raise RefError("codec", f"{what}: base {base!r} is not a backbone tensor")
         bdtype, bshape, _, _ = bb.entries[base]
         if len(bshape) != len(shape):
-            raise RefError("format", f"{what}: base {base!r} has {len(bshape)} dimensions, not {len(shape)}")
+            raise RefError("codec", f"{what}: base {base!r} has {len(bshape)} dimensions, not {len(shape)}")
         if (t in FLOATS) != (bdtype in FLOATS) or (t not in FLOATS and bdtype != t):
-            raise RefError("format", f"{what}: base {base!r} of dtype {bdtype} cannot predict {t}")
+            raise RefError("codec", f"{what}: base {base!r} of dtype {bdtype} cannot predict {t}")
         b = bb.array(base)
     terms = r["terms"]
     np_t = DTYPES[t][1]
 
-    if t not in FLOATS or (not terms and bdtype == t):
+    if t not in FLOATS or (not terms and bdtype == t) or [x["codec"] for x in terms] == ["dense"]:
         # 5.2, and the "Y is B itself" case of 5.1: no arithmetic.
         if terms:  # exactly one dense term (4.1)
             y = _decode_part(terms[0]["parts"]["values"], st)
@@ -709,6 +785,8 @@ def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.
         res = _decode_part(r["residual"], st)
         yb = y.view(np.uint8) ^ np.ascontiguousarray(res).view(np.uint8)
         y = yb.view(np_t).reshape(shape)
+    if t == "BOOL" and bool(np.any(np.ascontiguousarray(y).view(np.uint8) > 1)):
+        raise RefError("codec", f"{what}: a BOOL result holds bytes other than 0 and 1")
     return y if y.flags.writeable else y.copy()
 
 

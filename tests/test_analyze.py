@@ -277,9 +277,11 @@ def check_documented_json(doc: dict[str, Any]) -> None:
             "reason",
             "shares_nothing",
             "summary",
+            "components",
             "groups",
             "tensors",
         ]
+        assert m["components"] == []  # pipelines only (tests/test_pipelines.py)
         assert isinstance(m["name"], str) and isinstance(m["related"], bool) and isinstance(m["reason"], str)
         assert set(m["summary"]) == summary_keys
         for g in m["groups"]:

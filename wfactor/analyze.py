@@ -174,6 +174,7 @@ class MemberAnalysis:
     summary: MemberSummary
     groups: list[GroupSummary]
     tensors: list[TensorAnalysis]
+    components: list[GroupSummary] = field(default_factory=list)  # pipeline members only (spec/ANALYZE.md 3)
 
     def tensor(self, name: str) -> TensorAnalysis:
         for t in self.tensors:
@@ -195,6 +196,7 @@ class MemberAnalysis:
             "reason": self.reason,
             "shares_nothing": self.shares_nothing,
             "summary": self.summary.to_json(),
+            "components": [c.to_json() for c in self.components],
             "groups": [g.to_json() for g in self.groups],
             "tensors": [t.to_json() for t in self.tensors],
         }
@@ -479,6 +481,32 @@ def summarize(tensors: list[TensorAnalysis]) -> tuple[MemberSummary, list[GroupS
     return s, ordered
 
 
+def component_summaries(tensors: list[TensorAnalysis]) -> list[GroupSummary]:
+    """Per component of a pipeline (the ``<component>/`` namespace of its tensor names), the same figures as a
+    layer block: tensors, identical ones, bytes, byte-weighted mean and largest drift. Tensors only in the
+    base count in no component, as in blocks."""
+    comps: dict[str, GroupSummary] = {}
+    acc: dict[str, list[float]] = {}
+    for t in tensors:
+        if t.status == "only_in_base":
+            continue
+        c = comps.setdefault(t.name.split("/", 1)[0], GroupSummary(t.name.split("/", 1)[0]))
+        c.tensors += 1
+        c.nbytes += t.nbytes
+        if t.identical:
+            c.identical += 1
+        if t.rel_drift is None:
+            continue
+        c.compared += 1
+        a = acc.setdefault(c.name, [0.0, 0.0])
+        a[0] += t.rel_drift * t.nbytes
+        a[1] += t.nbytes
+        c.max_rel_drift = t.rel_drift if c.max_rel_drift is None else max(c.max_rel_drift, t.rel_drift)
+    for name, (num, den) in acc.items():
+        comps[name].rel_drift = num / den if den > 0 else comps[name].max_rel_drift
+    return [comps[k] for k in sorted(comps, key=natural_key)]
+
+
 _ITEMSIZE = {
     "F64": 8,
     "F32": 4,
@@ -586,7 +614,13 @@ def analyze_member(
     summary, groups = summarize(tensors)
     shares_nothing = not any(t.shape is not None and t.shape == t.base_shape for t in tensors)
     related, reason = verdict(summary, shares_nothing)
-    return MemberAnalysis(member.name, str(member.path), related, reason, shares_nothing, summary, groups, tensors)
+    from .pipelines import PipelineSource
+
+    pipeline = isinstance(member, PipelineSource) or isinstance(base, PipelineSource)
+    comps = component_summaries(tensors) if pipeline else []
+    return MemberAnalysis(
+        member.name, str(member.path), related, reason, shares_nothing, summary, groups, tensors, comps
+    )
 
 
 def analyze(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,9 +64,39 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+class PlainProgress:
+    """Progress for a log or a pipe (stderr not a terminal): one line when a step ends, with its bytes and
+    rate, and one every ``every`` seconds while a long step runs."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.started: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        t0 = self.started.setdefault(label, now)
+        if done < total and now - self.last.get(label, t0) < self.every:
+            return
+        self.last[label] = now
+        took = max(now - t0, 1e-9)
+        share = f"{100 * done / total:.0f}% of {human(total)}" if done < total else human(total)
+        click.echo(f"{label}: {share} in {took:.1f} s ({human(done / took)}/s)", err=True)
+
+
 def progress_bar(quiet: bool) -> tuple[Any, Callable[[str, int, int], None] | None]:
-    if quiet or not err.is_terminal:
+    """A rich progress bar with bytes/s on a terminal, plain lines otherwise, nothing with ``quiet``."""
+    if quiet:
         return None, None
+    if not err.is_terminal:
+        plain = PlainProgress()
+        return plain, plain.update
     bar = Progress(
         TextColumn("{task.description:>14}"),
         BarColumn(),
@@ -87,7 +118,16 @@ def progress_bar(quiet: bool) -> tuple[Any, Callable[[str, int, int], None] | No
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wfactor")
 def main() -> None:
-    """Factor families of fine-tuned models into one shared backbone plus small per-model deltas."""
+    """Factor families of fine-tuned models into one shared backbone plus small per-model deltas.
+
+    \b
+    Exit codes:
+      0    success
+      1    verification or integrity failure (a damaged family, a wrong backbone, a mismatch)
+      2    bad input or usage (message: error[code]: file, tensor, expected vs found, what to do)
+      130  interrupted (nothing is left half-written)
+    Error codes (the [code] in messages) are listed in spec/FORMAT.md section 10.
+    """
 
 
 def factor_table(rep: FactorReport) -> Table:
@@ -177,6 +217,13 @@ def factor_table(rep: FactorReport) -> Table:
     metavar="R",
     help="Whole-family budget as a fraction of the models side by side (base + members).",
 )
+@click.option(
+    "--max-shard-size",
+    default=None,
+    metavar="SIZE",
+    help="Split a backbone larger than SIZE (500MB, 2GB, 1.5GiB, bytes) into shards: a version-2 family "
+    "(spec/FORMAT.md 2.1) that readers of version 1 refuse. Default: one backbone file.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing family directory (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -188,16 +235,23 @@ def factor(
     max_rel_error: float,
     target_bytes: int | None,
     target_ratio: float | None,
+    max_shard_size: str | None,
     force: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Split models into one backbone (the base) plus a small delta per member.
 
+    Every PATH (members and --base) may be a .safetensors file, a model directory (model.safetensors, a
+    sharded model.safetensors.index.json, or one *.safetensors), or a Hugging Face Hub id org/name[@revision]
+    (or hf://name). A path that exists on disk always wins over a Hub id; HF_HUB_OFFLINE=1 resolves Hub ids
+    from the local cache only. A Hub member's default name is the repository's name.
+
     \b
     Examples:
       wfactor factor chat=ckpt/chat code=ckpt/code --base ckpt/base -o family
       wfactor factor ft1.safetensors ft2.safetensors --base base.safetensors -o fam --lossless
+      wfactor factor acme/chat-7b acme/code-7b@v2 --base acme/base-7b -o family --max-shard-size 5GB
     """
 
     def body() -> None:
@@ -207,9 +261,11 @@ def factor(
         )
         if bar:
             with bar:
-                rep = factor_family(list(members), base, output, budget, force=force, progress=update)
+                rep = factor_family(
+                    list(members), base, output, budget, force=force, progress=update, max_shard_size=max_shard_size
+                )
         else:
-            rep = factor_family(list(members), base, output, budget, force=force)
+            rep = factor_family(list(members), base, output, budget, force=force, max_shard_size=max_shard_size)
         if as_json:
             emit_json(rep.to_json())
         else:
@@ -223,23 +279,43 @@ def factor(
 @click.argument("name")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Write into a non-empty directory.")
+@click.option(
+    "--max-shard-size",
+    default=None,
+    metavar="SIZE",
+    help="Split the weights into model-0000i-of-0000N.safetensors files of at most SIZE (500MB, 2GB, 1.5GiB, "
+    "bytes) plus model.safetensors.index.json, as transformers' save_pretrained does.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-def materialize(family: Path, name: str, output: Path, force: bool, as_json: bool) -> None:
+def materialize(family: Path, name: str, output: Path, force: bool, max_shard_size: str | None, as_json: bool) -> None:
     """Rebuild member NAME as DIR/model.safetensors, with its config and tokenizer files.
 
     \b
     Example:
       wfactor materialize family chat -o rebuilt/chat
+      wfactor materialize family chat -o rebuilt/chat --max-shard-size 2GB
     """
 
     def body() -> None:
         with Family(family) as fam:
-            path = fam.materialize(name, output, force=force)
-            files = sorted(p.name for p in output.iterdir() if not p.name.startswith("."))
+            path = fam.materialize(name, output, force=force, max_shard_size=max_shard_size)
+            # a pipeline member (spec 3.3) writes component folders: list files relative to the output
+            files = sorted(
+                p.relative_to(output).as_posix()
+                for p in output.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(output).parts)
+            )
+        weights = [f for f in files if f.endswith(".safetensors")]
+        nbytes = sum((output / f).stat().st_size for f in weights)
         if as_json:
-            emit_json({"member": name, "output": str(output), "files": files, "bytes": path.stat().st_size})
+            emit_json({"member": name, "output": str(output), "files": files, "bytes": nbytes})
         else:
-            out.print(f"wrote {path} ({human(path.stat().st_size)}) and {len(files) - 1} config file(s)")
+            sharded = path.name.endswith(".index.json")
+            what = f"{path} and {len(weights)} shards" if sharded else f"{path}"
+            if path.is_dir():
+                what = f"{len(weights)} component weight file(s) under {path}"
+            n_config = len(files) - len(weights) - sharded
+            out.print(f"wrote {what} ({human(nbytes)}) and {n_config} config file(s)")
 
     run(body)
 
@@ -251,7 +327,8 @@ def materialize(family: Path, name: str, output: Path, force: bool, as_json: boo
     "against",
     multiple=True,
     metavar="NAME=PATH",
-    help="Rebuild NAME and compare it with the original at PATH, tensor by tensor (repeatable).",
+    help="Rebuild NAME and compare it with the original at PATH (or Hub id org/name[@revision]), tensor by "
+    "tensor (repeatable).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(family: Path, against: tuple[str, ...], as_json: bool) -> None:
@@ -348,8 +425,9 @@ def inspect(target: Path, as_json: bool) -> None:
                 "family": str(target),
                 "format_version": man.format_version,
                 "created_by": man.created_by,
-                "backbone": {"path": man.backbone.path, "bytes": man.backbone.size, "sha256": man.backbone.sha256},
-                "family_bytes": man.backbone.size + sum(m.delta.size for m in man.members),
+                "backbone": {"path": man.backbone.path, "bytes": man.backbone_bytes, "sha256": man.backbone.sha256}
+                | ({"shards": [r.path for r in man.backbone_shards]} if man.backbone_shards else {}),
+                "family_bytes": man.backbone_bytes + sum(m.delta.size for m in man.members),
                 "members_original_bytes": total_orig,
                 "members": members,
             }
@@ -358,7 +436,8 @@ def inspect(target: Path, as_json: bool) -> None:
             return
         out.print(
             f"family [bold]{target}[/] (format v{man.format_version}, {man.created_by}); "
-            f"backbone {human(man.backbone.size)} sha256 {man.backbone.sha256[:16]}...",
+            f"backbone {human(man.backbone_bytes)} sha256 {man.backbone.sha256[:16]}..."
+            + (f" ({len(man.backbone_shards)} shards)" if man.backbone_shards else ""),
             highlight=False,
         )
         t = Table("member", "tensors", "original", "delta", "ratio", "worst rel err", "bytes per codec")
@@ -497,6 +576,26 @@ def analysis_tables(rep: Any) -> list[Any]:
     items.append(t)
     for m in rep.models:
         items.append(Text.assemble((f"{m.name}: ", "bold"), m.reason))
+    if any(m.components for m in rep.models):  # pipelines: drift per component first, then per block
+        comp_names = sorted({c.name for m in rep.models for c in m.components})
+        ct = Table(title="components: identical tensors, mean drift (byte-weighted) and largest drift, per member")
+        ct.add_column("component")
+        for m in rep.models:
+            ct.add_column(m.name, justify="right")
+        for cname in comp_names:
+            row = [cname]
+            for m in rep.models:
+                c = next((c for c in m.components if c.name == cname), None)
+                row.append(
+                    "-"
+                    if c is None
+                    else "identical"
+                    if c.identical == c.tensors
+                    else f"{c.identical}/{c.tensors} identical, mean {_fmt_drift(c.rel_drift)}, "
+                    f"max {_fmt_drift(c.max_rel_drift)}"
+                )
+            ct.add_row(*row)
+        items.append(ct)
     blocks = Table(title="layer blocks: identical tensors and largest tensor drift, per member")
     blocks.add_column("block")
     for m in rep.models:
@@ -622,6 +721,7 @@ def analyze(
       wfactor analyze ckpt/base ckpt/chat ckpt/code          # the first model is the base
       wfactor analyze ckpt/* --base ckpt/base --json report.json --plot drift.png
       wfactor analyze ft.safetensors --base base.safetensors --json - | jq '.models[].related'
+      wfactor analyze acme/chat-7b@v2 --base acme/base-7b   # Hub ids: see wfactor factor --help
     """
     from .analyze import analyze as analyze_models
 
@@ -654,6 +754,160 @@ def analyze(
                 out.print(f"wrote {plot_path}", highlight=False)
             else:
                 err.print(f"wrote {plot_path}", highlight=False)
+
+    run(body)
+
+
+# -- PEFT export, growing and shrinking a family (wfactor/peft.py, wfactor/edit.py) ----------------------------
+@main.command("export-peft")
+@click.argument("family", type=click.Path(path_type=Path))
+@click.argument("name")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Adapter directory.")
+@click.option(
+    "--max-rank",
+    type=int,
+    default=None,
+    metavar="R",
+    help="Approximate tensors that are not low rank by a truncated SVD of rank <= R (errors are reported); "
+    "1-D tensors (norms, biases) are then dropped and their drift reported.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output directory (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_peft(family: Path, name: str, output: Path, max_rank: int | None, force: bool, as_json: bool) -> None:
+    """Write member NAME as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
+
+    Works when the member's deltas are low rank against the backbone (a merged LoRA factored by wfactor);
+    otherwise it names the tensors that are not, unless --max-rank R approximates them. Load the adapter on
+    the base model with peft, or serve it beside others with a multi-adapter engine.
+
+    \b
+    Examples:
+      wfactor export-peft family chat -o chat-lora
+      wfactor export-peft family full_ft -o ft-lora --max-rank 16
+      vllm serve BASE --enable-lora --lora-modules chat=./chat-lora
+    """
+    from .peft import export_peft as export
+
+    def body() -> None:
+        rep = export(family, name, output, max_rank=max_rank, force=force)
+        if as_json:
+            emit_json(rep.to_json())
+            return
+        approx = [m for m in rep.modules if m.how == "svd"]
+        out.print(
+            f"wrote {output} ({human(rep.bytes)}): {len(rep.modules)} LoRA modules, r = {rep.r}, "
+            f"lora_alpha = {rep.lora_alpha} (scaling 1); {len(rep.modules) - len(approx)} exact",
+            highlight=False,
+        )
+        if approx:
+            t = Table("tensor", "rank", "rel error (of its delta)", title="approximated by truncated SVD")
+            for m in sorted(approx, key=lambda m: -m.rel_error):
+                t.add_row(m.tensor, str(m.rank), f"{m.rel_error:.3g}")
+            out.print(t)
+            w = rep.worst
+            assert w is not None
+            out.print(f"worst: {w.tensor} {w.rel_error:.3g}", highlight=False)
+        if rep.dropped:
+            t = Table("tensor", "why", "drift ||W-B||/||B||", title="dropped: no LoRA form (the base's value is used)")
+            for d in rep.dropped:
+                t.add_row(d.tensor, d.reason, f"{d.rel_drift:.3g}")
+            out.print(t)
+
+    run(body)
+
+
+@main.command()
+@click.argument("family", type=click.Path(path_type=Path))
+@click.argument("member", metavar="[NAME=]PATH")
+@click.option(
+    "--base",
+    "base",
+    default=None,
+    metavar="PATH",
+    help="Base model of a PEFT adapter member (default: the family's backbone).",
+)
+@click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
+@click.option(
+    "--max-rel-error",
+    type=float,
+    default=DEFAULT_MAX_REL_ERROR,
+    show_default=True,
+    help="Per-tensor budget: ||rebuilt - original|| <= E * ||original - base||.",
+)
+@click.option("--target-bytes", type=int, default=None, hidden=True)
+@click.option("--target-ratio", type=float, default=None, hidden=True)
+@click.option("--force", is_flag=True, help="Replace a member of the same name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the member's report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def add(
+    family: Path,
+    member: str,
+    base: str | None,
+    lossless: bool,
+    max_rel_error: float,
+    target_bytes: int | None,
+    target_ratio: float | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Add one member to an existing family, factored against its backbone.
+
+    The other members' files are not touched; the manifest is replaced atomically, last.
+
+    \b
+    Examples:
+      wfactor add family math=ckpt/math
+      wfactor add family chat-lora=adapters/chat          # a PEFT adapter on the backbone
+      wfactor add family chat=ckpt/chat-v2 --force        # replace member chat
+    """
+    from .edit import add as add_member
+
+    def body() -> None:
+        budget = Budget(
+            lossless=lossless, max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio
+        )
+        bar, update = progress_bar(quiet or as_json)
+        if bar:
+            with bar:
+                rep = add_member(family, member, budget, force=force, base=base, progress=update)
+        else:
+            rep = add_member(family, member, budget, force=force, base=base)
+        if as_json:
+            emit_json(rep.to_json())
+            return
+        what = "" if rep.related else " (unrelated to the backbone: stored whole)"
+        out.print(
+            f"added {rep.name} to {family}: delta {human(rep.delta_bytes)} for {human(rep.original_bytes)} "
+            f"(ratio {rep.ratio:.3f}), worst rel error {rep.worst_rel_error:.2g}{what}",
+            highlight=False,
+        )
+
+    run(body)
+
+
+@main.command()
+@click.argument("family", type=click.Path(path_type=Path))
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
+def remove(family: Path, name: str, as_json: bool) -> None:
+    """Remove member NAME: the manifest is replaced atomically, then its files are deleted.
+
+    \b
+    Example:
+      wfactor remove family chat
+    """
+    from .edit import remove as remove_member
+
+    def body() -> None:
+        rep = remove_member(family, name)
+        if as_json:
+            emit_json(rep.to_json())
+        else:
+            out.print(
+                f"removed {name} from {family} ({human(rep.freed_bytes)} freed); members: {', '.join(rep.members)}",
+                highlight=False,
+            )
 
     run(body)
 

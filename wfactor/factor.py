@@ -6,23 +6,31 @@ written into a temporary directory beside the output, which is renamed into plac
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+import torch
 
 from . import __version__
 from .analyze import analyze_member
 from .backbone import medoid, pairwise, widest, write_consensus
 from .errors import InputError
+from .format.atomic import recover, replace_dir, temp_name
 from .format.constants import (
     AUX_DIR,
+    BACKBONE_LIST_NAME,
     BACKBONE_NAME,
+    BACKBONE_SHARD_PREFIX,
     DELTAS_DIR,
     FORMAT_VERSION,
     META_BACKBONE,
@@ -30,10 +38,20 @@ from .format.constants import (
     META_MEMBER,
     META_RECORDS,
     META_VERSION,
+    SHARDED_FORMAT_VERSION,
 )
-from .format.manifest import FileRef, Manifest, MemberEntry, TensorMeta, check_member_name, read_manifest
+from .format.manifest import (
+    FileRef,
+    Manifest,
+    MemberEntry,
+    TensorMeta,
+    check_member_name,
+    read_manifest,
+    shard_list_bytes,
+)
 from .format.records import Record
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
+from .pipelines import aux_relpath, member_components
 from .plan import Budget, TensorPlanner, allocate, plan_tensor, rekey
 from .sources import Source, open_source
 
@@ -141,6 +159,36 @@ def write_backbone(base: Source, path: Path, progress: Progress | None = None) -
     write_streaming(path, entries, produce, meta, tick)
 
 
+def write_backbone_sharded(
+    base: Source, root: Path, max_bytes: int, progress: Progress | None = None
+) -> tuple[FileRef, list[FileRef]] | None:
+    """A sharded backbone (spec 2.1): its shards and the shard list, written into ``root``; returns
+    (the list's FileRef, the shards' FileRefs), or None when everything fits in one shard."""
+    from .format.shards import plan_shards, write_backbone_shards
+
+    entries = [Entry(k, base.info(k).dtype, base.info(k).shape) for k in base.keys()]
+    if len(plan_shards(entries, max_bytes)) < 2:
+        return None
+    total, done = sum(e.nbytes for e in entries), 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("backbone", done, total)
+
+    meta = {META_KIND: "backbone", META_VERSION: str(SHARDED_FORMAT_VERSION)}
+    names = write_backbone_shards(
+        root, BACKBONE_SHARD_PREFIX, entries, lambda e: base.raw_bytes(e.name), meta, max_bytes, tick
+    )
+    shards = [FileRef.of(root, n) for n in names]
+    with open(root / BACKBONE_LIST_NAME, "wb") as fh:
+        fh.write(shard_list_bytes(shards))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return FileRef.of(root, BACKBONE_LIST_NAME), shards
+
+
 def _header_overhead(member: Source) -> int:
     """A generous estimate of a delta's header bytes (records JSON + safetensors entries) for byte budgets."""
     return 1024 + sum(3 * len(k.encode()) + 480 for k in member.keys())
@@ -246,12 +294,44 @@ def _records_json(records: list[Record]) -> str:
     return json.dumps([r.to_json() for r in records], separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def member_entry(
+    src: Source,
+    root: Path,
+    rel: str,
+    records: list[Record],
+    sizes: dict[str, int],
+    budget: Budget,
+    related: bool,
+    aux_name: str | None = None,
+) -> tuple[MemberEntry, MemberReport]:
+    """The manifest entry and the report of a member whose delta was written at ``root/rel``; copies its
+    config files to ``aux/<aux_name or name>/`` (shared by ``factor`` and ``add``)."""
+    delta = FileRef.of(root, rel)
+    rep = _summarise(src.name, src.nbytes, records, sizes, delta.size)
+    rep.related = related
+    plan = rep.to_json()
+    plan.pop("name")
+    plan["budget"] = budget.to_json()
+    entry = MemberEntry(
+        name=src.name,
+        delta=delta,
+        tensors=[TensorMeta(k, src.info(k).shape, src.info(k).dtype) for k in src.keys()],
+        original_bytes=src.nbytes,
+        source={"path": str(src.path), "files": [p.name for p in src.files]} | ({"hub": src.hub} if src.hub else {}),
+        aux_files=_copy_aux(src, root, aux_name or src.name),
+        plan=plan,
+        components=member_components(src),
+    )
+    return entry, rep
+
+
 def _copy_aux(src: Source, root: Path, name: str) -> list[FileRef]:
     refs = []
     if src.aux_files:
         (root / AUX_DIR / name).mkdir(parents=True, exist_ok=True)
     for p in src.aux_files:
-        rel = f"{AUX_DIR}/{name}/{p.name}"
+        rel = f"{AUX_DIR}/{name}/{aux_relpath(src, p)}"  # a pipeline's files keep their folders (spec 3.3)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, root / rel)
         refs.append(FileRef.of(root, rel))
     return refs
@@ -276,15 +356,24 @@ def _write_family(
     unrelated: set[str],
     origin: dict[str, Any],
     progress: Progress | None,
+    max_shard_bytes: int | None = None,
 ) -> tuple[Manifest, list[MemberReport]]:
-    """Write backbone, deltas and manifest into the (new, empty) directory ``tmp``."""
+    """Write backbone, deltas and manifest into the (new, empty) directory ``tmp``. With ``max_shard_bytes``
+    the backbone is sharded (spec 2.1, a version-2 family) when it does not fit in one shard."""
     # the models side by side: the members, plus the base when the user gave one
     raw_bytes = (base_src.nbytes if origin.get("kind") == "base" else 0) + sum(s.nbytes for s in sources)
     (tmp / DELTAS_DIR).mkdir(parents=True)
-    write_backbone(base_src, tmp / BACKBONE_NAME, progress)
-    backbone = FileRef.of(tmp, BACKBONE_NAME)
+    sharded = write_backbone_sharded(base_src, tmp, max_shard_bytes, progress) if max_shard_bytes else None
+    shards: list[FileRef]
+    if sharded is None:
+        write_backbone(base_src, tmp / BACKBONE_NAME, progress)
+        backbone, shards = FileRef.of(tmp, BACKBONE_NAME), []
+    else:
+        backbone, shards = sharded
     options = (
-        allocate_family(sources, base_src, budget, backbone.size, progress, unrelated, raw_bytes)
+        allocate_family(
+            sources, base_src, budget, backbone.size + sum(r.size for r in shards), progress, unrelated, raw_bytes
+        )
         if budget.global_target
         else {}
     )
@@ -295,25 +384,17 @@ def _write_family(
         # an unrelated member shares nothing with the backbone: it is stored whole (dense, compressed)
         base_for = _EMPTY if src.name in unrelated else base_src
         records, sizes = write_delta(src, base_for, backbone.sha256, tmp / rel, budget, progress, options.get(src.name))
-        delta = FileRef.of(tmp, rel)
-        rep = _summarise(src.name, src.nbytes, records, sizes, delta.size)
-        rep.related = src.name not in unrelated
-        plan = rep.to_json()
-        plan.pop("name")
-        plan["budget"] = budget.to_json()
-        entries.append(
-            MemberEntry(
-                name=src.name,
-                delta=delta,
-                tensors=[TensorMeta(k, src.info(k).shape, src.info(k).dtype) for k in src.keys()],
-                original_bytes=src.nbytes,
-                source={"path": str(src.path), "files": [p.name for p in src.files]},
-                aux_files=_copy_aux(src, tmp, src.name),
-                plan=plan,
-            )
-        )
+        entry, rep = member_entry(src, tmp, rel, records, sizes, budget, src.name not in unrelated)
+        entries.append(entry)
         reports.append(rep)
-    manifest = Manifest(backbone, entries, created_by=f"wfactor {__version__}", backbone_origin=origin)
+    manifest = Manifest(
+        backbone,
+        entries,
+        created_by=f"wfactor {__version__}",
+        format_version=SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION,
+        backbone_origin=origin,
+        backbone_shards=shards,
+    )
     manifest.write_atomic(tmp)
     _fsync_dir(tmp)
     return manifest, reports
@@ -335,6 +416,49 @@ def _unrelated(sources: Sequence[Source], backbone: Source) -> set[str]:
     return {s.name for s in sources if s is not backbone and not analyze_member(s, backbone, ranks=False).related}
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def bounded_heap() -> None:
+    """Give freed tensor memory back to the system at once (Linux, glibc). glibc raises its mmap threshold
+    after each large free, up to 32 MiB, so that tensors below that size come from the heap and stay
+    resident after they are freed: streaming models tensor by tensor, the anonymous memory then grows with
+    the largest tensors seen instead of staying at a few of them. A fixed threshold of 1 MiB keeps every
+    tensor-sized buffer in its own mapping. Elsewhere this does nothing."""
+    global _HEAP_BOUNDED
+    if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
+        return
+    _HEAP_BOUNDED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
+    except (OSError, AttributeError):
+        pass
+
+
+_HEAP_BOUNDED = False
+
+
+def single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with one torch thread: matrix products and SVDs sum in an order that depends on the thread
+    count, and the low-rank factors and the measured errors are written to the family. With the count fixed,
+    the same inputs and options give byte-identical files on every machine setting (tests/test_determinism.py)."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        bounded_heap()
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+@single_threaded
 def factor(
     members: Sequence[str],
     base: str | None,
@@ -342,8 +466,12 @@ def factor(
     budget: Budget | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    max_shard_size: int | str | None = None,
 ) -> FactorReport:
     """Factor ``members`` (each ``[NAME=]PATH``) into a family directory ``out``.
+
+    ``max_shard_size`` (bytes, or "2GB", "1.5GiB") splits a backbone larger than that into shards (a
+    version-2 family, spec/FORMAT.md section 2.1); without it, or when it fits, the backbone is one file.
 
     With ``base``, the base becomes the backbone. Without it, the medoid member and the element-wise
     consensus of the related members are both tried and the smaller family is kept. Members unrelated to
@@ -359,7 +487,11 @@ def factor(
         raise InputError(f"--target-bytes must be > 0, found {budget.target_bytes}")
     if budget.target_ratio is not None and not 0 < budget.target_ratio:
         raise InputError(f"--target-ratio must be > 0, found {budget.target_ratio}")
+    from .format.shards import parse_size
+
+    max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     out = Path(out)
+    recover(out)  # what a killed earlier run left beside ``out``: restore an interrupted swap, drop temp dirs
     if out.exists() and not force:
         raise InputError(f"{out}: already exists; choose another -o or pass --force to replace it")
     if not members:
@@ -368,7 +500,7 @@ def factor(
     sources: list[Source] = []
     try:
         for arg in members:
-            src = open_source(arg)
+            src = open_source(arg, base=base)  # a PEFT adapter directory is base + adapter
             opened.append(src)
             check_member_name(src.name, arg)
             if any(s.name == src.name for s in sources):
@@ -376,7 +508,7 @@ def factor(
             sources.append(src)
         candidates: list[tuple[Source, dict[str, Any], set[str]]] = []
         out.parent.mkdir(parents=True, exist_ok=True)
-        work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        work = temp_name(out)
         if work.exists():
             shutil.rmtree(work)
         work.mkdir()
@@ -407,7 +539,9 @@ def factor(
             results = []
             for k, (bsrc, origin, unrelated) in enumerate(candidates):
                 tmp = work / f"family-{k}"
-                _man, reports = _write_family(sources, bsrc, tmp, budget, unrelated, origin, progress)
+                _man, reports = _write_family(
+                    sources, bsrc, tmp, budget, unrelated, origin, progress, max_shard_bytes
+                )
                 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
                 results.append((size, k, tmp, reports, bsrc))
             size, k, chosen, reports, bsrc = min(results, key=lambda r: (r[0], r[1]))
@@ -416,17 +550,11 @@ def factor(
                 man = read_manifest(chosen)
                 man.backbone_origin = dict(man.backbone_origin, tried_bytes=tried)
                 man.write_atomic(chosen)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(chosen, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(chosen, out)
-            _fsync_dir(out.parent)
+            # the old family (if any) stays whole until the new one takes its name (spec 9.1)
+            replace_dir(chosen, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        backbone_size = (out / BACKBONE_NAME).stat().st_size
+        backbone_size = read_manifest(out).backbone_bytes
         rep = FactorReport(out, backbone_size, bsrc.nbytes if base is not None else 0, reports, budget)
         rep.backbone_origin = dict(candidates[k][1], tried_bytes=tried)
         return rep

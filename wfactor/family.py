@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 from .errors import FormatError, IntegrityError, NotFoundError, WfactorError
 from .format.constants import META_KIND, META_VERSION
 from .format.delta import DeltaFile, check_version
-from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, sha256_file
+from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, sha256_file, shard_list_bytes
 from .format.parts import PartSpec, read_part
 from .format.records import Record
 from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
@@ -40,19 +40,47 @@ class Family:
         self._records: dict[str, dict[str, Record]] = {}
         self.manifest: Manifest = read_manifest(self.root)
         self._backbone_path = self.manifest.backbone.check_size(self.root)
-        for m in self.manifest.members:
+        for m in self.manifest.members:  # sizes only: a stat per file, no data read (spec 9)
             m.delta.check_size(self.root)
-        self._bb_file = SafetensorsFile(self._backbone_path)
+            for ref in m.aux_files:
+                ref.check_size(self.root)
+        # the backbone's files: one, or the shards of a sharded backbone (spec 2.1), whose list is checked
+        # now (it is small): its digest is the backbone's, and it pins every shard's digest
+        self._bb_refs = self.manifest.backbone_shards or [self.manifest.backbone]
+        if self.manifest.backbone_shards:
+            self.manifest.backbone.check_digest(self.root)
+            if self._backbone_path.read_bytes() != shard_list_bytes(self.manifest.backbone_shards):
+                raise IntegrityError(
+                    f"{self._backbone_path}: the shard list differs from the manifest's backbone_shards; "
+                    "the family is damaged"
+                )
+        self._bb_files: list[SafetensorsFile] = []
+        self._bb_of: dict[str, SafetensorsFile] = {}
         try:
-            if self._bb_file.metadata.get(META_KIND) not in (None, "backbone"):
-                raise FormatError(f"{self._backbone_path}: not a wfactor backbone (wfactor.kind is not 'backbone')")
-            if META_VERSION in self._bb_file.metadata:
-                check_version(self._bb_file.metadata[META_VERSION], str(self._backbone_path))
+            for ref in self._bb_refs:
+                f = SafetensorsFile(ref.check_size(self.root))
+                self._bb_files.append(f)
+                if f.metadata.get(META_KIND) not in (None, "backbone"):
+                    raise FormatError(f"{f.path}: not a wfactor backbone (wfactor.kind is not 'backbone')")
+                if META_VERSION in f.metadata:
+                    check_version(f.metadata[META_VERSION], str(f.path))
+                for k in f.tensors:
+                    if k in self._bb_of:
+                        raise FormatError(f"{f.path}: tensor {k!r} is also in {self._bb_of[k].path}")
+                    self._bb_of[k] = f
         except BaseException:
-            self._bb_file.close()
+            for f in self._bb_files:
+                f.close()
             raise
+        self._bb_file = self._bb_files[0]
         self._bb_verified = False
-        self._base_shapes = {k: (i.shape, i.dtype) for k, i in self._bb_file.tensors.items()}
+        self._base_shapes = {k: (f.tensors[k].shape, f.tensors[k].dtype) for k, f in self._bb_of.items()}
+
+    @property
+    def backbone_files(self) -> list[Path]:
+        """The backbone's safetensors files: one, or its shards in order (spec 2.1). Their digests are checked
+        by :meth:`backbone` and :meth:`verify`, not here."""
+        return [f.path for f in self._bb_files]
 
     # -- members -----------------------------------------------------------------------------------------
     @property
@@ -62,14 +90,26 @@ class Family:
     def member(self, name: str) -> MemberEntry:
         return self.manifest.member(name)
 
+    def components(self, name: str) -> list[str]:
+        """The component names of a pipeline member (``unet``, ``text_encoder``, ...); [] for a plain model."""
+        return [c.name for c in self.member(name).components]
+
+    def _component_prefix(self, name: str, component: str | None) -> str:
+        if component is None:
+            return ""
+        from .pipelines import component_of
+
+        return component_of(self.member(name), component, str(self.root))
+
     def _verify_backbone(self) -> None:
         if not self._bb_verified:
-            got = sha256_file(self._backbone_path)
-            if got != self.manifest.backbone.sha256:
-                raise IntegrityError(
-                    f"{self._backbone_path}: sha256 {got[:16]}..., the manifest records "
-                    f"{self.manifest.backbone.sha256[:16]}...; the backbone was modified or replaced"
-                )
+            for ref, f in zip(self._bb_refs, self._bb_files):
+                got = sha256_file(f.path)
+                if got != ref.sha256:
+                    raise IntegrityError(
+                        f"{f.path}: sha256 {got[:16]}..., the manifest records "
+                        f"{ref.sha256[:16]}...; the backbone was modified or replaced"
+                    )
             self._bb_verified = True
 
     def open_delta(self, name: str) -> DeltaFile:
@@ -101,17 +141,22 @@ class Family:
         return self._held[key]
 
     def _load_backbone(self, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
-        hasher = hashlib.sha256()
-        length = self._bb_file.size - self._bb_file.data_start
-        flat = read_flat(self._backbone_path, self._bb_file.data_start, length, device, hasher)
-        got = hasher.hexdigest()
-        if got != self.manifest.backbone.sha256:
-            raise IntegrityError(
-                f"{self._backbone_path}: sha256 {got[:16]}..., the manifest records "
-                f"{self.manifest.backbone.sha256[:16]}...; the backbone was modified or replaced"
-            )
+        tensors: dict[str, torch.Tensor] = {}
+        total = 0
+        for ref, f in zip(self._bb_refs, self._bb_files):  # each file hashed as it is read
+            hasher = hashlib.sha256()
+            length = f.size - f.data_start
+            flat = read_flat(f.path, f.data_start, length, device, hasher)
+            got = hasher.hexdigest()
+            if got != ref.sha256:
+                raise IntegrityError(
+                    f"{f.path}: sha256 {got[:16]}..., the manifest records "
+                    f"{ref.sha256[:16]}...; the backbone was modified or replaced"
+                )
+            tensors.update(tensors_from_flat(f, flat))
+            total += length
         self._bb_verified = True
-        return tensors_from_flat(self._bb_file, flat), length
+        return tensors, total
 
     def release(self, device: str | torch.device = "cpu") -> None:
         """Give back this Family's reference to the backbone on ``device``; the last reference frees it."""
@@ -124,22 +169,32 @@ class Family:
         if key in self._held:
             return self._held[key][name]
         self._verify_backbone()
-        info = self._bb_file.tensors[name]
-        return from_storage(self._bb_file.numpy(name), info.dtype).to(device)
+        f = self._bb_of[name]
+        return from_storage(f.numpy(name), f.tensors[name].dtype).to(device)
 
     # -- rebuilding --------------------------------------------------------------------------------------
     def iter_tensors(
-        self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        self,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        component: str | None = None,
+        skip: Collection[str] = (),
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Rebuild member ``name`` one tensor at a time, in the member's original tensor order."""
+        """Rebuild member ``name`` one tensor at a time, in the member's original tensor order. ``component``:
+        only that component of a pipeline member, with names stripped of the ``<component>/`` namespace.
+        ``skip``: names (as yielded) not to rebuild, e.g. the weights a caller keeps factored."""
         entry = self.member(name)
+        prefix = self._component_prefix(name, component)
         with self.open_delta(name) as delta:
             for meta in entry.tensors:
+                if not meta.name.startswith(prefix) or meta.name[len(prefix) :] in skip:
+                    continue
                 rec = delta.records[meta.name]
                 t = self._rebuild(delta, rec, device)
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
-                yield meta.name, t
+                yield meta.name[len(prefix) :], t
 
     def _rebuild(self, delta: DeltaFile, rec: Record, device: str | torch.device) -> torch.Tensor:
         if rec.same_as is not None:  # tied weights: stored once, rebuilt from the record they are tied to
@@ -163,26 +218,35 @@ class Family:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         copy: bool = False,
+        component: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Member ``name`` rebuilt on ``device`` (the arithmetic runs there); ``dtype`` casts floating tensors.
+        ``component`` (a pipeline member): only that component, names without the ``<component>/`` namespace.
 
         Tensors identical to the backbone are the backbone's own tensors when the backbone is resident on
         ``device`` (see :meth:`backbone`), unless ``copy=True``. The member's decoded delta parts are kept in
         a byte-bounded LRU (``delta_cache``): with the backbone resident, making a member ready moves only its
         delta's bytes, and a second call moves none."""
         dev = torch.device(device)
+        prefix = self._component_prefix(name, component)
         records, parts = self.load_delta(name, dev)
         out: dict[str, torch.Tensor] = {}
         for meta in self.member(name).tensors:
+            if not meta.name.startswith(prefix):
+                continue
             rec = records[meta.name]
             src = records[rec.same_as] if rec.same_as is not None else rec
             base = self._base_tensor(src.base, dev) if src.base is not None else None
-            t = reconstruct(src, base, lambda spec: parts[spec.key], dev)
+            try:
+                t = reconstruct(src, base, lambda spec: parts[spec.key], dev)
+            except WfactorError as exc:  # a decode-time check (sparse indices, quant codes, BOOL bytes)
+                where = f"{self.root / self.member(name).delta.path}: tensor {meta.name!r}"
+                raise type(exc)(f"{where}: {exc.message}") from None
             if copy and base is not None and t.data_ptr() == base.data_ptr():
                 t = t.clone()
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            out[meta.name] = t
+            out[meta.name[len(prefix) :]] = t
         return out
 
     def load_delta(
@@ -206,37 +270,62 @@ class Family:
         self.delta_cache.put(name, dev, parts)
         return self._records[name], parts
 
-    def materialize(self, name: str, out: str | os.PathLike[str], force: bool = False) -> Path:
-        """Write ``out/model.safetensors`` (original names, dtypes, order) plus the member's config files."""
+    def materialize(
+        self, name: str, out: str | os.PathLike[str], force: bool = False, max_shard_size: int | str | None = None
+    ) -> Path:
+        """Write ``out/model.safetensors`` (original names, dtypes, order) plus the member's config files.
+
+        With ``max_shard_size`` (bytes, or "500MB", "2GB", "1.5GiB"), write ``model-0000i-of-0000N.safetensors``
+        shards and ``model.safetensors.index.json`` as transformers does, and return the index's path.
+        Every file is written under a temporary name and renamed when all are complete."""
+        from .format.shards import parse_size, write_sharded
+
+        max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         out = Path(out)
         entry = self.member(name)
         if out.exists() and any(out.iterdir()) and not force:
             raise WfactorError(f"{out}: exists and is not empty; choose another -o or pass --force")
         out.mkdir(parents=True, exist_ok=True)
+        if entry.components:  # a pipeline: its component folders, configs and model_index.json (spec 3.3)
+            from .pipelines import materialize_pipeline
+
+            return materialize_pipeline(self, name, out, max_bytes)
         tmp_files: list[tuple[Path, Path]] = []
-        target = out / "model.safetensors"
-        tmp = out / ".model.safetensors.tmp"
-        with self.open_delta(name) as delta:
-            entries = [Entry(t.name, t.dtype, t.shape) for t in entry.tensors]
+        try:
+            with self.open_delta(name) as delta:
+                entries = [Entry(t.name, t.dtype, t.shape) for t in entry.tensors]
 
-            def produce(e: Entry) -> bytes:
-                rec = delta.records[e.name]
-                return to_storage(self._rebuild(delta, rec, "cpu")).tobytes()
+                def produce(e: Entry) -> bytes:
+                    rec = delta.records[e.name]
+                    return to_storage(self._rebuild(delta, rec, "cpu")).tobytes()
 
-            try:
-                write_streaming(tmp, entries, produce, {"format": "pt"})
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        tmp_files.append((tmp, target))
-        for ref in entry.aux_files:
-            src = ref.check_digest(self.root)
-            dst = out / Path(ref.path).name
-            t = out / f".{dst.name}.tmp"
-            shutil.copyfile(src, t)
-            tmp_files.append((t, dst))
+                if max_bytes is None:
+                    tmp = out / ".model.safetensors.tmp"
+                    tmp_files.append((tmp, out / "model.safetensors"))
+                    write_streaming(tmp, entries, produce, {"format": "pt"})
+                else:
+                    tmp_files += write_sharded(out, "model", entries, produce, {"format": "pt"}, max_bytes)
+            target = tmp_files[-1][1]
+            for ref in entry.aux_files:
+                src = ref.check_digest(self.root)
+                dst = out / Path(ref.path).name
+                t = out / f".{dst.name}.tmp"
+                tmp_files.append((t, dst))
+                shutil.copyfile(src, t)
+        except BaseException:
+            for t, _ in tmp_files:
+                t.unlink(missing_ok=True)
+            raise
         for t, dst in tmp_files:
             os.replace(t, dst)
+        # weights of an earlier materialisation (--force) would shadow or contradict the new ones
+        written = {dst.name for _, dst in tmp_files}
+        for p in out.iterdir():
+            stale = p.name in ("model.safetensors", "model.safetensors.index.json") or (
+                p.name.startswith("model-") and "-of-" in p.name and p.name.endswith(".safetensors")
+            )
+            if stale and p.name not in written and p.is_file():
+                p.unlink()
         return target
 
     # -- verification ------------------------------------------------------------------------------------
@@ -252,6 +341,7 @@ class Family:
         try:
             self._verify_backbone()
             report.checked_files.append(self.manifest.backbone.path)
+            report.checked_files += [r.path for r in self.manifest.backbone_shards]
         except IntegrityError as exc:
             report.problems.append(exc.message)
             return report
@@ -323,7 +413,8 @@ class Family:
         for key in list(self._held):
             self.release(key)
         self.delta_cache.clear()
-        self._bb_file.close()
+        for f in self._bb_files:
+            f.close()
 
     def __enter__(self) -> Family:
         return self

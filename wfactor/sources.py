@@ -1,5 +1,6 @@
 """Turn a user's argument into a lazy tensor stream: a .safetensors file, or a model directory holding
-model.safetensors, a sharded model.safetensors.index.json, or a single *.safetensors file.
+model.safetensors, a sharded model.safetensors.index.json, or a single *.safetensors file, or a Hugging Face
+Hub id ``org/name[@revision]`` (resolved by :mod:`wfactor.hub`; an existing local path always wins).
 
 Tensors are read one at a time through memory maps (never a whole model in memory), through the same
 validating reader that guards family files.
@@ -16,6 +17,8 @@ import torch
 from .errors import InputError, NotFoundError, NotSafetensorsError
 from .format.constants import MEMBER_NAME_RE
 from .format.safetensors_io import SafetensorsFile, TensorInfo, loads_strict
+from .hub import parse_hub_id
+from .hub import resolve as resolve_hub
 from .tensors import TORCH_DTYPES, from_storage
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -28,6 +31,10 @@ def default_member_name(path: Path) -> str:
     stem = path.name if path.is_dir() else path.stem
     if stem == "model" and not path.is_dir():
         stem = path.parent.name
+    return clean_member_name(stem)
+
+
+def clean_member_name(stem: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or "member"
     return name[:128]
 
@@ -53,6 +60,7 @@ class Source:
     path: Path
     files: list[Path]
     aux_files: list[Path] = field(default_factory=list)
+    hub: str | None = None  # "org/name@<commit>" when the model came from the Hugging Face Hub
 
     def __post_init__(self) -> None:
         self._open: dict[Path, SafetensorsFile] = {}
@@ -80,9 +88,10 @@ class Source:
         return key in self._where
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One tensor, read from disk into a private CPU tensor of its stored dtype."""
+        """One tensor as a private CPU tensor of its stored dtype, over a copy-on-write mapping of the file
+        (no copy: its pages stay the page cache's, so streaming a model costs no anonymous memory for it)."""
         f, info = self._where[key]
-        return from_storage(self._open[f].numpy(key), info.dtype)
+        return from_storage(self._open[f].mapped(key), info.dtype)
 
     def raw_bytes(self, key: str) -> bytes:
         """One tensor's stored bytes, exactly as in the source file."""
@@ -137,13 +146,31 @@ def _index_files(index: Path) -> list[Path]:
     return files
 
 
-def open_source(arg: str, name: str | None = None) -> Source:
-    """Open ``[NAME=]PATH``. Raises a WfactorError with a one-line reason if it is not a usable model."""
+def open_source(arg: str, name: str | None = None, base: str | None = None) -> Source:
+    """Open ``[NAME=]PATH``. Raises a WfactorError with a one-line reason if it is not a usable model.
+
+    A PEFT adapter directory (adapter_config.json) is the model ``base + adapter`` (:mod:`wfactor.peft`);
+    it needs ``base``."""
     spec_name, raw = split_spec(arg) if name is None else (name, arg)
     path = Path(raw)
+    hub_ref: str | None = None
     if not path.exists():
-        raise NotFoundError(f"{raw}: no such file or directory")
+        hub_id = parse_hub_id(raw)
+        if hub_id is None:
+            raise NotFoundError(f"{raw}: no such file or directory")
+        path, commit = resolve_hub(hub_id)
+        hub_ref = f"{hub_id.repo}@{commit}"
+        spec_name = spec_name or clean_member_name(hub_id.name)
     if path.is_dir():
+        from .peft import is_adapter_dir, open_adapter
+
+        if is_adapter_dir(path):
+            return open_adapter(spec_name or default_member_name(path), path, base)
+        from .pipelines import open_pipeline, pipeline_layout
+
+        comps = pipeline_layout(path)  # a diffusers pipeline / several component checkpoints (spec 3.3)
+        if comps is not None:
+            return open_pipeline(path, spec_name or default_member_name(path), comps, hub_ref)
         index = path / INDEX_NAME
         single = path / SINGLE_NAME
         if single.is_file():
@@ -164,7 +191,7 @@ def open_source(arg: str, name: str | None = None) -> Source:
         files = [path]
         aux = []
     try:
-        src = Source(spec_name or default_member_name(path), path, files, aux)
+        src = Source(spec_name or default_member_name(path), path, files, aux, hub=hub_ref)
     except NotSafetensorsError:
         raise
     return src

@@ -51,6 +51,17 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
     return t.numpy().copy()
 
 
+def storage_view(t: torch.Tensor) -> np.ndarray:
+    """Like ``to_storage`` but without the copy when ``t`` is already a contiguous CPU tensor: for encoders
+    that only read the array (never keep or write it)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return to_storage(t)
+    t = t.detach()
+    if format_dtype(t.dtype) == "BF16":
+        return t.view(torch.int16).numpy().view(DTYPES["BF16"][0])
+    return t.numpy()
+
+
 def bits_view(t: torch.Tensor) -> torch.Tensor:
     """The same bytes as an integer tensor of equal item size, for XOR and bitwise comparison."""
     return t.contiguous().view(_BITS[t.element_size()])

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..tensors import format_dtype, to_storage
+from ..tensors import format_dtype, storage_view
 from .base import Encoded
 
 NAME = "dense"
@@ -16,7 +16,8 @@ NAME = "dense"
 def encode(target: torch.Tensor) -> Encoded:
     dtype = format_dtype(target.dtype)
     encoding = "zstd_planes" if target.element_size() > 1 else "zstd"
-    return Encoded(NAME, {}, {"values": (to_storage(target), dtype, encoding)})
+    # read only: encode_part compresses it in chunks, and copies it if it has to store it raw
+    return Encoded(NAME, {}, {"values": (storage_view(target), dtype, encoding)})
 
 
 def decode(

@@ -26,8 +26,10 @@ def quantize(delta: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor,
     q = qmax(bits)
     scales = (d2.abs().amax(dim=1) * clip / q).to(torch.float32) if n else torch.zeros(m)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.clamp(torch.round(d2 / safe[:, None]), -q, q).to(torch.int8)
-    codes = torch.where(scales[:, None] > 0, codes, torch.zeros_like(codes))
+    x = d2 / safe[:, None]  # one float temporary, rounded and clamped in place
+    codes = x.round_().clamp_(-q, q).to(torch.int8)
+    del x
+    codes.masked_fill_(~(scales > 0)[:, None], 0)
     return codes, scales
 
 
@@ -36,18 +38,25 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, cdtype: torch.dtype) -
     return codes.to(cdtype) * scales.to(cdtype)[:, None]
 
 
+SEARCH_ROWS = 256  # the clip is chosen on at most this many evenly spaced rows, then applied to all
+
+
 def best(delta: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clip factor (of a few) with the least squared error; ties go to the larger clip."""
+    """Quantise with the clip factor (of a few) that has the least squared error; ties go to the larger clip.
+
+    Scales are per row, so a clip's error is a sum over rows: on a large tensor it is estimated on
+    ``SEARCH_ROWS`` evenly spaced rows (deterministic), and only the chosen clip quantises the whole tensor."""
     m, n = rows_cols(tuple(delta.shape))
     d2 = delta.reshape(m, n).to(torch.float32)
-    chosen = None
+    sample = d2 if m <= SEARCH_ROWS else d2[torch.linspace(0, m - 1, SEARCH_ROWS).round().long()]
+    chosen: tuple[float, float] | None = None
     for clip in CLIPS:
-        codes, scales = quantize(d2, bits, clip)
-        err = float(((dequantize(codes, scales, torch.float32) - d2) ** 2).sum())
+        codes, scales = quantize(sample, bits, clip)
+        err = float(((dequantize(codes, scales, torch.float32) - sample) ** 2).sum())
         if chosen is None or err < chosen[0]:
-            chosen = (err, codes, scales)
+            chosen = (err, clip)
     assert chosen is not None
-    return chosen[1], chosen[2]
+    return quantize(d2, bits, chosen[1])
 
 
 def encode(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> Encoded:
@@ -63,6 +72,6 @@ def decode(
 ) -> torch.Tensor:
     codes = parts["codes"]
     q = qmax(int(params["bits"]))
-    if codes.numel() and int(codes.abs().max()) > q:
+    if codes.numel() and max(-int(codes.min()), int(codes.max())) > q:
         raise CodecError(f"quant codes exceed +-{q}, the range of {params['bits']} bits")
     return dequantize(codes, parts["scales"], cdtype).reshape(shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensors import bits_view, format_dtype, to_storage
+from ..tensors import bits_view, format_dtype, storage_view
 from .base import Encoded
 
 NAME = "residual"
@@ -14,7 +14,7 @@ NAME = "residual"
 def encode(target: torch.Tensor, prediction: torch.Tensor) -> Encoded:
     x = torch.bitwise_xor(bits_view(target), bits_view(prediction)).view(target.dtype)
     encoding = "zstd_planes" if target.element_size() > 1 else "zstd"
-    return Encoded(NAME, {}, {"xor": (to_storage(x), format_dtype(target.dtype), encoding)})
+    return Encoded(NAME, {}, {"xor": (storage_view(x), format_dtype(target.dtype), encoding)})  # x is ours
 
 
 def apply(prediction: torch.Tensor, xor: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,17 @@ NAME = "sparse"
 
 def encode(delta: torch.Tensor, count: int) -> Encoded:
     flat = delta.reshape(-1)
-    if count >= flat.numel():
-        idx = torch.arange(flat.numel())
+    n = flat.numel()
+    if count >= n:
+        idx = torch.arange(n)
     else:
-        # topk ties are broken by index (stable sort) so the choice is deterministic
-        order = torch.sort(flat.abs(), descending=True, stable=True).indices[:count]
-        idx = torch.sort(order).values
+        # the count largest |entries|, ties broken by index (lower first) so the choice is deterministic:
+        # tau is the count-th largest magnitude; keep every entry above it, then the first ones equal to it
+        mags = flat.abs().to(torch.float32).numpy()  # a private copy
+        tau = float(np.partition(mags, n - count)[n - count])
+        above = torch.nonzero(flat.abs() > tau).reshape(-1)
+        ties = torch.nonzero(flat.abs() == tau).reshape(-1)[: count - above.numel()]
+        idx = torch.sort(torch.cat([above, ties])).values
     vals = flat[idx].to(torch.float16 if float(flat.abs().max() if flat.numel() else 0) < 60000 else torch.float32)
     fmt = "F16" if vals.dtype == torch.float16 else "F32"
     return Encoded(

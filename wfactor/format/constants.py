@@ -6,7 +6,11 @@ import re
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what is written for a family without a sharded backbone (spec section 8)
+SHARDED_FORMAT_VERSION = 2  # a family with a sharded backbone (spec section 2.1)
+MAX_FORMAT_VERSION = 2  # the newest version this reader reads
+BACKBONE_LIST_NAME = "backbone.sha256"  # the shard list of a sharded backbone
+BACKBONE_SHARD_PREFIX = "backbone"
 MANIFEST_NAME = "wfactor.json"
 MANIFEST_FORMAT = "wfactor.family"
 BACKBONE_NAME = "backbone.safetensors"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import BackboneMismatchError, FormatError, LimitError, VersionError
+from ..errors import BackboneMismatchError, CodecError, FormatError, LimitError, VersionError
 from .constants import (
-    FORMAT_VERSION,
+    MAX_FORMAT_VERSION,
     MAX_TENSORS,
     META_BACKBONE,
     META_KIND,
@@ -24,8 +24,8 @@ def check_version(ver: str | None, where: str) -> None:
     """A safetensors ``wfactor.format_version``: a positive decimal integer no newer than ours (spec 8)."""
     if ver is None or not re.fullmatch(r"[1-9][0-9]{0,8}", ver):
         raise FormatError(f"{where}: {META_VERSION} must be a positive decimal integer, found {ver!r}")
-    if int(ver) > FORMAT_VERSION:
-        raise VersionError(f"{where}: file is v{int(ver)}; this reader supports up to v{FORMAT_VERSION}")
+    if int(ver) > MAX_FORMAT_VERSION:
+        raise VersionError(f"{where}: file is v{int(ver)}; this reader supports up to v{MAX_FORMAT_VERSION}")
 
 
 class DeltaFile:
@@ -63,8 +63,10 @@ class DeltaFile:
             raw = loads_strict(meta.get(META_RECORDS, ""))
         except ValueError as exc:
             raise FormatError(f"{where}: {META_RECORDS} is not valid JSON ({exc})") from None
-        if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
-            raise LimitError(f"{where}: {META_RECORDS} must be a list of at most {MAX_TENSORS} records")
+        if not isinstance(raw, list):
+            raise FormatError(f"{where}: {META_RECORDS} must be a JSON list of records")
+        if len(raw) > MAX_TENSORS:
+            raise LimitError(f"{where}: {len(raw)} records (limit {MAX_TENSORS})")
         records: dict[str, Record] = {}
         used: set[str] = set()
         for obj in raw:
@@ -81,8 +83,8 @@ class DeltaFile:
             for spec in rec.part_specs():
                 if spec.key not in self.file.tensors:
                     raise FormatError(f"{where}: tensor {rec.name!r} names part {spec.key!r}, which is not in the file")
-                if spec.key in used:
-                    raise FormatError(f"{where}: part {spec.key!r} is used by two records")
+                if spec.key in used:  # spec 4.1: no two parts of one file share a key
+                    raise CodecError(f"{where}: part {spec.key!r} is used by two records")
                 used.add(spec.key)
             records[rec.name] = rec
         stray = sorted(set(self.file.tensors) - used)

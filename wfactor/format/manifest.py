@@ -15,11 +15,13 @@ from .constants import (
     FORMAT_VERSION,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
+    MAX_FORMAT_VERSION,
     MAX_MANIFEST_BYTES,
     MAX_MEMBERS,
     MAX_TENSORS,
     MEMBER_NAME_RE,
     SHA256_RE,
+    SHARDED_FORMAT_VERSION,
 )
 from .safetensors_io import check_name, check_shape, loads_strict
 
@@ -116,9 +118,10 @@ class MemberEntry:
     source: dict[str, Any] = field(default_factory=dict)
     aux_files: list[FileRef] = field(default_factory=list)
     plan: dict[str, Any] = field(default_factory=dict)
+    components: list[Any] = field(default_factory=list)  # wfactor.pipelines.Component (spec 3.3)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "delta": self.delta.to_json(),
             "source": self.source,
@@ -127,6 +130,9 @@ class MemberEntry:
             "aux_files": [a.to_json() for a in self.aux_files],
             "plan": self.plan,
         }
+        if self.components:
+            out["components"] = [c.to_json() for c in self.components]
+        return out
 
 
 @dataclass
@@ -136,6 +142,7 @@ class Manifest:
     created_by: str = ""
     format_version: int = FORMAT_VERSION
     backbone_origin: dict[str, Any] = field(default_factory=dict)
+    backbone_shards: list[FileRef] = field(default_factory=list)  # version 2: a sharded backbone (spec 2.1)
 
     def member(self, name: str) -> MemberEntry:
         for m in self.members:
@@ -145,14 +152,22 @@ class Manifest:
         raise NotFoundError(f"no member named {name!r} in this family (members: {names})")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "format_version": self.format_version,
             "created_by": self.created_by,
             "backbone": self.backbone.to_json(),
             "backbone_origin": self.backbone_origin,
-            "members": [m.to_json() for m in self.members],
         }
+        if self.backbone_shards:  # absent otherwise: an unsharded family stays version 1, byte for byte
+            out["backbone_shards"] = [r.to_json() for r in self.backbone_shards]
+        out["members"] = [m.to_json() for m in self.members]
+        return out
+
+    @property
+    def backbone_bytes(self) -> int:
+        """The backbone's size on disk: its file, or its shards and their list."""
+        return self.backbone.size + sum(r.size for r in self.backbone_shards)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
@@ -180,22 +195,29 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     if len(text) > MAX_MANIFEST_BYTES:
         raise LimitError(f"{where}: {len(text)} bytes (limit {MAX_MANIFEST_BYTES})")
     try:
-        obj = loads_strict(text)
-    except ValueError as exc:
+        obj = loads_strict(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except ValueError as exc:  # UnicodeDecodeError included
         raise FormatError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
         raise FormatError(f'{where}: not a wfactor manifest ("format" must be {MANIFEST_FORMAT!r})')
     ver = obj.get("format_version")
     if not isinstance(ver, int) or isinstance(ver, bool) or ver < 1:
         raise FormatError(f"{where}: format_version must be a positive integer")
-    if ver > FORMAT_VERSION:
+    if ver > MAX_FORMAT_VERSION:
         raise VersionError(
-            f"{where}: file is v{ver}; this reader supports up to v{FORMAT_VERSION}. Upgrade wfactor to read it"
+            f"{where}: file is v{ver}; this reader supports up to v{MAX_FORMAT_VERSION}. Upgrade wfactor to read it"
         )
     backbone = FileRef.from_json(obj.get("backbone"), f"{where}: backbone")
+    shards = _backbone_shards(obj, ver, where)
     raw_members = obj.get("members")
-    if not isinstance(raw_members, list) or len(raw_members) > MAX_MEMBERS:
-        raise LimitError(f"{where}: members must be a list of at most {MAX_MEMBERS}")
+    if not isinstance(raw_members, list):
+        raise FormatError(f"{where}: members must be a list")
+    if len(raw_members) > MAX_MEMBERS:
+        raise LimitError(f"{where}: {len(raw_members)} members (limit {MAX_MEMBERS})")
+    created_by = obj.get("created_by", "")
+    origin = obj.get("backbone_origin", {})
+    if not isinstance(created_by, str) or not isinstance(origin, dict):
+        raise FormatError(f"{where}: created_by must be a string and backbone_origin an object")
     members: list[MemberEntry] = []
     seen: set[str] = set()
     for i, m in enumerate(raw_members):
@@ -207,21 +229,32 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
             raise FormatError(f"{w}: member {name!r} appears twice")
         seen.add(name)
         raw_t = m.get("tensors")
-        if not isinstance(raw_t, list) or len(raw_t) > MAX_TENSORS:
-            raise LimitError(f"{w}: tensors must be a list of at most {MAX_TENSORS}")
+        if not isinstance(raw_t, list):
+            raise FormatError(f"{w}: tensors must be a list")
+        if len(raw_t) > MAX_TENSORS:
+            raise LimitError(f"{w}: {len(raw_t)} tensors (limit {MAX_TENSORS})")
         tensors = []
+        names: set[str] = set()
         for t in raw_t:
-            if not isinstance(t, dict) or t.get("dtype") not in DTYPES:
+            if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or t["dtype"] not in DTYPES:
                 raise FormatError(f"{w}: each tensor needs name, shape and a known dtype")
-            tensors.append(TensorMeta(check_name(t.get("name"), w), check_shape(t.get("shape"), w), t["dtype"]))
+            tname = check_name(t.get("name"), w, bad=FormatError)
+            if tname in names:
+                raise FormatError(f"{w}: tensor {tname!r:.80} is listed twice")
+            names.add(tname)
+            tensors.append(
+                TensorMeta(tname, check_shape(t.get("shape"), f"{w}: tensor {tname!r:.80}", FormatError), t["dtype"])
+            )
         ob = m.get("original_bytes", 0)
-        if not isinstance(ob, int) or ob < 0:
+        if not isinstance(ob, int) or isinstance(ob, bool) or ob < 0:
             raise FormatError(f"{w}: original_bytes must be a non-negative integer")
         aux = m.get("aux_files", [])
         if not isinstance(aux, list):
             raise FormatError(f"{w}: aux_files must be a list")
         source = m.get("source", {})
         plan = m.get("plan", {})
+        if not isinstance(source, dict) or not isinstance(plan, dict):
+            raise FormatError(f"{w}: source and plan must be objects")
         members.append(
             MemberEntry(
                 name=name,
@@ -231,17 +264,53 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
                 source=source if isinstance(source, dict) else {},
                 aux_files=[FileRef.from_json(a, f"{w}: aux_files") for a in aux],
                 plan=plan if isinstance(plan, dict) else {},
+                components=_components(m.get("components"), w, tensors),
             )
         )
-    created_by = obj.get("created_by", "")
-    origin = obj.get("backbone_origin", {})
     return Manifest(
         backbone,
         members,
         created_by if isinstance(created_by, str) else "",
         ver,
         origin if isinstance(origin, dict) else {},
+        shards,
     )
+
+
+def _backbone_shards(obj: dict[str, Any], ver: int, where: str) -> list[FileRef]:
+    """``backbone_shards`` (spec 2.1): version 2 or later, 1..MAX_MEMBERS FileRefs with distinct paths."""
+    if "backbone_shards" not in obj:
+        return []
+    raw = obj["backbone_shards"]
+    if ver < SHARDED_FORMAT_VERSION:
+        raise FormatError(f"{where}: backbone_shards needs format_version {SHARDED_FORMAT_VERSION}, found {ver}")
+    if not isinstance(raw, list) or not raw:
+        raise FormatError(f"{where}: backbone_shards must be a non-empty list of files")
+    if len(raw) > MAX_MEMBERS:
+        raise LimitError(f"{where}: {len(raw)} backbone shards (limit {MAX_MEMBERS})")
+    shards = [FileRef.from_json(r, f"{where}: backbone_shards[{i}]") for i, r in enumerate(raw)]
+    paths = [r.path for r in shards] + [obj["backbone"]["path"]]
+    if len(set(paths)) != len(paths):
+        raise FormatError(f"{where}: backbone_shards and backbone must name distinct files")
+    return shards
+
+
+def shard_list_bytes(shards: list[FileRef]) -> bytes:
+    """The exact bytes of a sharded backbone's shard list (spec 2.1): ``sha256  path\n`` per shard."""
+    return "".join(f"{r.sha256}  {r.path}\n" for r in shards).encode("utf-8")
+
+
+def _components(obj: Any, where: str, tensors: list[TensorMeta]) -> list[Any]:
+    """A pipeline member's components (spec 3.3): every tensor is ``<component>/<name>`` of a listed one."""
+    from .components import components_from_json, split_name
+
+    comps = components_from_json(obj, where)
+    if comps:
+        names = {c.name for c in comps}
+        for t in tensors:
+            if split_name(t.name)[0] not in names or "/" not in t.name:
+                raise FormatError(f"{where}: tensor {t.name!r} belongs to none of the member's components")
+    return comps
 
 
 def read_manifest(root: Path) -> Manifest:

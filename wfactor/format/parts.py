@@ -45,17 +45,11 @@ class PartSpec:
         key, dtype, enc = obj.get("key"), obj.get("dtype"), obj.get("encoding")
         if not isinstance(key, str):
             raise CodecError(f"{where}: part key must be a string")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CodecError(f"{where}: part dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        if enc not in PART_ENCODINGS:
+        if not isinstance(enc, str) or enc not in PART_ENCODINGS:
             raise CodecError(f"{where}: part encoding {enc!r} is not one of {sorted(PART_ENCODINGS)}")
-        return cls(key, dtype, check_shape(obj.get("shape"), where), enc)
-
-
-def to_planes(raw: bytes, size: int) -> bytes:
-    if size == 1:
-        return raw
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, size).T.tobytes()
+        return cls(key, dtype, check_shape(obj.get("shape"), where, CodecError), enc)
 
 
 def from_planes(raw: bytes, size: int) -> bytes:
@@ -79,33 +73,68 @@ def encode_part(
     spec = PartSpec(key, dtype, tuple(arr.shape), encoding)
     if encoding == "raw":
         return spec, arr
-    raw = arr.tobytes()
-    if encoding == "zstd_planes":
-        raw = to_planes(raw, DTYPES[dtype][1])
-    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    frame = compress_streaming(arr, DTYPES[dtype][1] if encoding == "zstd_planes" else 1, level)
     if len(frame) >= arr.nbytes:  # incompressible (or tiny): storing it raw is smaller and faster to read
-        return PartSpec(key, dtype, tuple(arr.shape), "raw"), arr
+        return PartSpec(key, dtype, tuple(arr.shape), "raw"), arr if arr.base is None else arr.copy()
     return spec, np.frombuffer(frame, dtype=np.uint8)
 
 
+COMPRESS_CHUNK = 4 << 20
+
+
+def compress_streaming(arr: np.ndarray, planes: int, level: int = ZSTD_LEVEL) -> bytes:
+    """One zstd frame (its content size declared) of ``arr``'s bytes, or of its byte planes when ``planes`` > 1
+    (byte 0 of every element, then byte 1, ...). Fed in chunks of ``COMPRESS_CHUNK`` bytes, so that no copy
+    of the whole array is ever made: memory stays bounded whatever the tensor's size."""
+    flat = arr.reshape(-1).view(np.uint8)
+    cobj = zstandard.ZstdCompressor(level=level, write_content_size=True).compressobj(size=flat.size)
+    out: list[bytes] = []
+    if planes <= 1:
+        for i in range(0, flat.size, COMPRESS_CHUNK):
+            out.append(cobj.compress(flat[i : i + COMPRESS_CHUNK].tobytes()))
+    else:
+        grid = flat.reshape(-1, planes)
+        rows = max(1, COMPRESS_CHUNK // planes)
+        for p in range(planes):
+            for i in range(0, grid.shape[0], rows):
+                out.append(cobj.compress(grid[i : i + rows, p].tobytes()))
+    out.append(cobj.flush())
+    return b"".join(out)
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_UNKNOWN_SIZE = (1 << 64) - 1
+
+
 def decode_zstd_frame(frame: bytes, expected: int, where: str) -> bytes:
-    """Decode exactly one zstd frame of exactly ``expected`` bytes; never allocate more (no bombs)."""
+    """Decode exactly one zstd frame of exactly ``expected`` bytes (spec 4.3).
+
+    The frame's declared content size is checked against ``expected`` before anything is decoded, and the
+    output is one buffer of exactly ``expected`` bytes that zstd may not overrun: whatever the frame holds,
+    decoding it allocates no more than the part needs (no decompression bombs)."""
+    if frame[:4] != ZSTD_MAGIC:
+        raise CodecError(f"{where}: not a zstd frame (no zstd magic number; skippable frames are not allowed)")
     try:
-        declared = zstandard.frame_content_size(frame)
+        params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
         raise CodecError(f"{where}: not a zstd frame ({exc})") from None
+    declared = params.content_size
     if declared != expected:
-        raise LimitError(
-            f"{where}: zstd frame declares {declared} decoded bytes, the part needs {expected}; refusing to decode"
-        )
-    if expected == 0:
-        return b""
-    dobj = zstandard.ZstdDecompressor().decompressobj(write_size=expected)
+        what = "no decoded size" if declared == ZSTD_UNKNOWN_SIZE else f"{declared} decoded bytes"
+        raise LimitError(f"{where}: zstd frame declares {what}, the part needs {expected}; refusing to decode")
+    if params.dict_id:
+        raise CodecError(f"{where}: zstd frame needs dictionary {params.dict_id}; dictionaries are not allowed")
     try:
-        out = dobj.decompress(frame)
+        if expected == 0:  # decompress() returns early for an empty frame: check the frame's end here
+            dobj = zstandard.ZstdDecompressor().decompressobj(write_size=64)
+            out = dobj.decompress(frame)
+            ok = dobj.eof and not dobj.unused_data and not out
+        else:
+            out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
+            ok = len(out) == expected
     except zstandard.ZstdError as exc:
-        raise CodecError(f"{where}: corrupt zstd frame ({exc})") from None
-    if not dobj.eof or dobj.unused_data or len(out) != expected:
+        raise CodecError(f"{where}: corrupt zstd frame, truncated or followed by trailing bytes ({exc})") from None
+    if not ok:
         raise CodecError(f"{where}: zstd frame is truncated, has trailing bytes, or decodes to the wrong size")
     return out
 

@@ -142,11 +142,14 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
     ``base_shapes=None`` (a delta inspected without its backbone) skips the checks against the backbone."""
     if not isinstance(obj, dict):
         raise CodecError(f"{where}: each record must be a JSON object")
-    name = check_name(obj.get("name"), where)
-    where = f"{where}: tensor {name!r}"
-    shape = check_shape(obj.get("shape"), where)
+    name = check_name(obj.get("name"), where, bad=CodecError)
+    where = f"{where}: tensor {name!r:.80}"
+    missing = [k for k in ("shape", "dtype", "base") if k not in obj]
+    if missing:
+        raise CodecError(f"{where}: a record needs name, shape, dtype and base; {missing[0]!r} is missing")
+    shape = check_shape(obj.get("shape"), where, CodecError)
     dtype = obj.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CodecError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     base = obj.get("base")
     if base is not None and not isinstance(base, str):
@@ -178,8 +181,8 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
     if same_as is not None:
         if not isinstance(same_as, str) or base is not None or terms or obj.get("residual") is not None:
             raise CodecError(f"{where}: a same_as record names a tensor and has no base, terms or residual")
-    elif base is None and not terms:
-        raise CodecError(f"{where}: a record without a base needs a dense term")
+    elif base is None and [t.codec for t in terms] != ["dense"]:  # spec 4.1: exactly one dense term
+        raise CodecError(f"{where}: a record without a base needs a dense term, and no other term")
     residual = None
     if obj.get("residual") is not None:
         residual = PartSpec.from_json(obj["residual"], f"{where}: residual")

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import LimitError, NotFoundError, NotSafetensorsError
+from ..errors import LimitError, NotFoundError, NotSafetensorsError, WfactorError
 from .constants import DTYPES, MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_SAFETENSORS_HEADER, MAX_TENSORS
 
 
@@ -51,27 +51,50 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
 def loads_strict(text: str | bytes) -> Any:
-    """json.loads that rejects duplicate keys (spec 7: a duplicate key makes a file invalid)."""
-    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    """json.loads that rejects duplicate keys and NaN/Infinity (spec 3, 7: RFC 8259 JSON only).
+
+    Every failure, deep nesting included, is a ValueError."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
-def check_shape(shape: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
-        raise LimitError(f"{where}: shape must be a list of at most {MAX_NDIM} dimensions, found {shape!r}")
-    numel = 1
+def check_shape(shape: Any, where: str, bad: type[WfactorError] = NotSafetensorsError) -> tuple[int, ...]:
+    """A shape: a list of non-negative integers (else ``bad``), at most 8 of them whose product is at most
+    2^40 (else ``limit``). Checked before anything of that shape is allocated."""
+    if not isinstance(shape, list):
+        raise bad(f"{where}: shape must be a list of non-negative integers, found {shape!r:.80}")
+    if len(shape) > MAX_NDIM:
+        raise LimitError(f"{where}: shape must have at most {MAX_NDIM} dimensions, found {len(shape)}")
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or d < 0:
-            raise LimitError(f"{where}: dimensions must be non-negative integers, found {shape!r}")
+            raise bad(f"{where}: dimensions must be non-negative integers, found {shape!r:.80}")
+    numel = 1
+    for d in shape:
         numel *= d
         if numel > MAX_NUMEL:
             raise LimitError(f"{where}: {shape} has more than {MAX_NUMEL} elements (limit)")
     return tuple(shape)
 
 
-def check_name(name: Any, where: str, limit: int = MAX_NAME_BYTES) -> str:
-    if not isinstance(name, str) or not name or len(name.encode("utf-8")) > limit:
-        raise LimitError(f"{where}: tensor names are 1..{limit} UTF-8 bytes, found {name!r:.80}")
+def check_name(
+    name: Any, where: str, limit: int = MAX_NAME_BYTES, bad: type[WfactorError] = NotSafetensorsError
+) -> str:
+    """A tensor name: a string (else ``bad``) of 1..``limit`` UTF-8 bytes (else ``limit``)."""
+    if not isinstance(name, str):
+        raise bad(f"{where}: a tensor name must be a string, found {name!r:.80}")
+    try:
+        n = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\\ud800") is not UTF-8
+        raise bad(f"{where}: tensor name {name!r:.80} is not valid UTF-8") from None
+    if not 1 <= n <= limit:
+        raise LimitError(f"{where}: tensor names are 1..{limit} UTF-8 bytes, found {n}: {name!r:.80}")
     return name
 
 
@@ -115,7 +138,7 @@ class SafetensorsFile:
             ) from None
         if not isinstance(header, dict):
             raise NotSafetensorsError(f"{self.path}: safetensors header must be a JSON object")
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", {})
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise NotSafetensorsError(f"{self.path}: __metadata__ must map strings to strings")
         if len(header) > MAX_TENSORS:
@@ -129,7 +152,7 @@ class SafetensorsFile:
             if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
                 raise NotSafetensorsError(f"{where}: entry must hold dtype, shape and data_offsets")
             dtype = entry.get("dtype")
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise NotSafetensorsError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
             shape = check_shape(entry.get("shape"), where)
             offs = entry.get("data_offsets")
@@ -185,8 +208,31 @@ class SafetensorsFile:
     def numpy(self, name: str) -> np.ndarray:
         """A writable copy of one tensor as numpy (BF16 comes back as uint16 bit patterns)."""
         info = self.info(name)
-        arr = np.frombuffer(self.read_bytes(name), dtype=DTYPES[info.dtype][0]).copy()
+        if info.nbytes == 0:
+            return np.zeros(info.shape, dtype=DTYPES[info.dtype][0])
+        view = memoryview(self._map())[self.data_start + info.begin : self.data_start + info.end]
+        try:
+            mapped = np.frombuffer(view, dtype=DTYPES[info.dtype][0])
+            arr = mapped.copy()  # one copy, straight from the mapped pages
+            del mapped
+        finally:
+            view.release()
         return arr.reshape(info.shape)
+
+    def mapped(self, name: str) -> np.ndarray:
+        """One tensor as a writable numpy array over a private copy-on-write mapping of the file: no copy is
+        made; its pages are the file's (page cache, not anonymous memory) until something writes to them,
+        and a write never reaches the file. Falls back to ``numpy()`` (a copy) when the tensor's offset is not
+        aligned to its item size. The mapping lives as long as the array."""
+        info = self.info(name)
+        dt = np.dtype(DTYPES[info.dtype][0])
+        start = self.data_start + info.begin
+        if info.nbytes == 0 or start % dt.itemsize:
+            return self.numpy(name)
+        # a mapping of its own per call, so that what one caller writes no other array sees
+        lead = start % mmap.ALLOCATIONGRANULARITY
+        cow = mmap.mmap(self._fh.fileno(), lead + info.nbytes, access=mmap.ACCESS_COPY, offset=start - lead)
+        return np.frombuffer(cow, dtype=dt, count=info.nbytes // dt.itemsize, offset=lead).reshape(info.shape)
 
     def close(self) -> None:
         if self._mm is not None:

@@ -2,8 +2,9 @@
 tensors shared (no copies).
 
 Which tensors stay factored: a weight of an ``nn.Linear`` (or an ``nn.Embedding`` without ``max_norm``)
-whose record is exactly ``base + one lowrank term``, with no residual and no tie (``same_as``), and whose
-backbone tensor has the member tensor's shape and dtype. Every other tensor is taken from
+whose record is exactly ``base + lowrank``, ``base + quant`` or ``base + lowrank + quant``, with no
+residual and no tie (``same_as``), and whose backbone tensor has the member tensor's shape (the arithmetic
+runs in the backbone tensor's dtype, the result is returned in the member's). Every other tensor is taken from
 ``family.iter_tensors`` (the same values as ``family.state_dict``): tensors identical to the backbone are
 the backbone's own cached tensors there, so they stay shared; the rest are materialised per member.
 """
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import InputError
+from ..codecs import quant
+from ..errors import CodecError, InputError
 from ..family import Family
 from ..format.parts import read_part
 from ..format.records import Record
@@ -25,18 +27,25 @@ from .layers import FactoredEmbedding, FactoredLinear
 
 @dataclass
 class LowRankFactors:
-    """A member tensor W = backbone[base] + u @ v (u: [out, r], v: [r, in], in the backbone tensor's dtype)."""
+    """A member tensor W = backbone[base] + u @ v + diag(scales) codes: u [out, r] and v [r, in] in the backbone
+    tensor's dtype (None without a low-rank term), codes [out, in] int8 and scales [out] float32 as stored
+    (None without a quant term)."""
 
     base: str
     base_weight: torch.Tensor
-    u: torch.Tensor
-    v: torch.Tensor
+    u: torch.Tensor | None
+    v: torch.Tensor | None
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+
+
+FACTORED_TERMS = (("lowrank",), ("quant",), ("lowrank", "quant"))
 
 
 def _simple_lowrank(rec: Record, backbone: dict[str, torch.Tensor]) -> bool:
     if rec.same_as is not None or rec.base is None or rec.residual is not None:
         return False
-    if len(rec.terms) != 1 or rec.terms[0].codec != "lowrank" or len(rec.shape) != 2:
+    if tuple(t.codec for t in rec.terms) not in FACTORED_TERMS or len(rec.shape) != 2:
         return False
     base = backbone.get(rec.base)
     target = TORCH_DTYPES.get(rec.dtype)
@@ -45,7 +54,7 @@ def _simple_lowrank(rec: Record, backbone: dict[str, torch.Tensor]) -> bool:
         and target is not None
         and target.is_floating_point
         and tuple(base.shape) == tuple(rec.shape)
-        and base.dtype == target
+        and base.dtype.is_floating_point
     )
 
 
@@ -68,10 +77,20 @@ def lowrank_factors(
             assert rec.base is not None
             base = backbone[rec.base]
             where = f"{d.file.path}: tensor {tname!r}"
-            u_spec, v_spec = rec.terms[0].parts["u"], rec.terms[0].parts["v"]
-            u = from_storage(read_part(d.file, u_spec, where), u_spec.dtype).to(device=base.device, dtype=base.dtype)
-            v = from_storage(read_part(d.file, v_spec, where), v_spec.dtype).to(device=base.device, dtype=base.dtype)
-            out[tname] = LowRankFactors(rec.base, base, u, v)
+            f = LowRankFactors(rec.base, base, None, None)
+            for term in rec.terms:
+                parts = {
+                    role: from_storage(read_part(d.file, spec, where), spec.dtype).to(base.device)
+                    for role, spec in term.parts.items()
+                }
+                if term.codec == "lowrank":
+                    f.u, f.v = parts["u"].to(base.dtype), parts["v"].to(base.dtype)
+                else:  # quant, kept as stored: int8 codes, one float32 scale per row
+                    codes, q = parts["codes"].reshape(rec.shape), quant.qmax(int(term.params["bits"]))
+                    if codes.numel() and max(-int(codes.min()), int(codes.max())) > q:
+                        raise CodecError(f"{where}: quant codes exceed +-{q}, the range of {term.params['bits']} bits")
+                    f.codes, f.scales = codes, parts["scales"].reshape(rec.shape[0])
+            out[tname] = f
     return out
 
 
@@ -94,7 +113,13 @@ def _factorable(mod: nn.Module) -> bool:
     return False
 
 
-def attach(module: nn.Module, family: Family, name: str, device: str | torch.device | None = None) -> nn.Module:
+def attach(
+    module: nn.Module,
+    family: Family,
+    name: str,
+    device: str | torch.device | None = None,
+    component: str | None = None,
+) -> nn.Module:
     """Give ``module`` (built from the member's config) the weights of family member ``name``.
 
     Linear / Embedding layers whose weight is ``backbone + U @ V`` become ``FactoredLinear`` /
@@ -103,13 +128,18 @@ def attach(module: nn.Module, family: Family, name: str, device: str | torch.dev
     are frozen (``requires_grad=False``) and take the member's dtypes. Modifies ``module`` in place and
     returns it (or the replacement layer, if ``module`` itself is a factored Linear/Embedding).
 
+    ``component`` (a pipeline member, e.g. ``"unet"``): ``module`` is that component's model and is matched
+    with the component's tensors, namespace stripped. Components identical to the backbone in two members
+    are the same backbone tensors in both modules.
+
     Raises ``InputError`` naming the first module parameter the member lacks, the first member tensor the
     module lacks, or the first tensor whose shapes differ.
     """
     dev = torch.device(device) if device is not None else _default_device(module)
     entry = family.member(name)
-    metas = {t.name: t for t in entry.tensors}
-    where = f"{family.root}: member {name!r}"
+    ns = family._component_prefix(name, component)  # "" or "<component>/"
+    metas = {t.name[len(ns) :]: t for t in entry.tensors if t.name.startswith(ns)}
+    where = f"{family.root}: member {name!r}" + (f", component {component!r}" if component else "")
 
     # -- inventory of the module's tensor slots (every alias of a tied tensor included) ----------------
     params: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
@@ -131,13 +161,13 @@ def attach(module: nn.Module, family: Family, name: str, device: str | torch.dev
         if not any(a in metas for a in aliases[id(p)]):
             raise InputError(f"{where}: the module's parameter {pname!r} is not a tensor of the member")
     slots = {**{k: v[2] for k, v in params.items()}, **{k: v[2] for k, v in buffers.items()}}
-    for meta in entry.tensors:
-        if meta.name not in slots:
-            raise InputError(f"{where}: the member's tensor {meta.name!r} is not a parameter or buffer of the module")
-        have = tuple(slots[meta.name].shape)
+    for local, meta in metas.items():
+        if local not in slots:
+            raise InputError(f"{where}: the member's tensor {local!r} is not a parameter or buffer of the module")
+        have = tuple(slots[local].shape)
         if have != tuple(meta.shape):
             raise InputError(
-                f"{where}: tensor {meta.name!r} is {list(meta.shape)} in the member, {list(have)} in the module"
+                f"{where}: tensor {local!r} is {list(meta.shape)} in the member, {list(have)} in the module"
             )
 
     # -- which layers stay factored ---------------------------------------------------------------------
@@ -146,14 +176,14 @@ def attach(module: nn.Module, family: Family, name: str, device: str | torch.dev
         wname = _join(prefix, "weight")
         if _factorable(mod) and wname in metas and len(aliases[id(mod.weight)]) == 1:
             candidates[wname] = prefix
-    factors = lowrank_factors(family, name, dev, only=set(candidates)) if candidates else {}
+    found = lowrank_factors(family, name, dev, only={ns + c for c in candidates}) if candidates else {}
+    factors = {k[len(ns) :]: v for k, v in found.items()}
 
     # -- load everything else (backbone-identical tensors come back as the backbone's own) -------------
     family.backbone(dev)  # fill the cache first, so identical tensors are the cached ones
     loaded: dict[str, torch.Tensor] = {}
-    for tname, t in family.iter_tensors(name, dev):
-        if tname not in factors:
-            loaded[tname] = t
+    for tname, t in family.iter_tensors(name, dev, component=component, skip=factors.keys()):
+        loaded[tname] = t
 
     new_params: dict[int, nn.Parameter] = {}
     for pname, (owner, local, p) in params.items():
@@ -180,10 +210,12 @@ def attach(module: nn.Module, family: Family, name: str, device: str | torch.dev
         f = factors[wname]
         if id(mod) not in replaced:
             if isinstance(mod, nn.Linear):
-                new: nn.Module = FactoredLinear(f.base_weight, f.u, f.v, mod.bias)
+                new: nn.Module = FactoredLinear(f.base_weight, f.u, f.v, mod.bias, f.codes, f.scales)
             else:
                 assert isinstance(mod, nn.Embedding)
-                new = FactoredEmbedding(f.base_weight, f.u, f.v, mod.padding_idx)
+                new = FactoredEmbedding(
+                    f.base_weight, f.u, f.v, mod.padding_idx, f.codes, f.scales, TORCH_DTYPES[metas[wname].dtype]
+                )
             replaced[id(mod)] = new
         if not prefix:
             return replaced[id(mod)]

@@ -1,0 +1,108 @@
+"""Determinism (issue 5, item 6): the same inputs and options give byte-identical family files, whatever the
+process, its hash seed, its torch thread count or the output directory's name.
+
+Each mode is factored once in this process (library) and once in a separate process (the command line,
+another PYTHONHASHSEED, another output name); every file of the two families is compared byte for byte.
+tests/test_family.py::test_factor_is_deterministic covers the default lossy mode within one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILY, ROOT
+
+import wfactor
+
+MODES: dict[str, tuple[list[str], str | None, list[str]]] = {
+    # name: (members, base, extra CLI options)
+    "lossy": (["lora", "bf16", "unrelated"], "base", []),
+    "lossless": (["lora", "bf16", "unrelated"], "base", ["--lossless"]),
+    "no_base": (["base", "lora", "top_ft"], None, []),
+    "target_ratio": (["lora", "top_ft"], "base", ["--target-ratio", "0.5"]),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread for this module's tiny tensors: on a busy machine torch's pool, waiting on cores
+    other jobs hold, made factoring the fixtures tens of times slower (bench/common.py says the same)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _budget(extra: list[str]) -> wfactor.Budget:
+    if "--lossless" in extra:
+        return wfactor.Budget(lossless=True)
+    if "--target-ratio" in extra:
+        return wfactor.Budget(target_ratio=float(extra[extra.index("--target-ratio") + 1]))
+    return wfactor.Budget()
+
+
+def _args(members: list[str]) -> list[str]:
+    return [f"{m}={FAMILY / m}" for m in members]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def other_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every mode factored by `wfactor factor` in one separate process with another hash seed and another
+    torch thread count (this module runs with one)."""
+    root = tmp_path_factory.mktemp("det_cli")
+    script = (
+        "import sys, json\n"
+        "from wfactor.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        main.main(argv, standalone_mode=False)\n"
+        "    except SystemExit as exc:\n"
+        "        if exc.code:\n"
+        "            raise\n"
+    )
+    runs = []
+    for name, (members, base, extra) in MODES.items():
+        argv = ["factor", *_args(members), *extra, "-o", str(root / name / "another_name"), "-q"]
+        if base:
+            argv += ["--base", str(FAMILY / base)]
+        runs.append(argv)
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_same_inputs_give_byte_identical_families(mode: str, other_process: Path, tmp_path: Path) -> None:
+    members, base, extra = MODES[mode]
+    here = tmp_path / "fam"
+    wfactor.factor(_args(members), base=str(FAMILY / base) if base else None, out=here, budget=_budget(extra))
+    a, b = _files(here), _files(other_process / mode / "another_name")
+    assert sorted(a) == sorted(b)
+    assert {"wfactor.json", "backbone.safetensors"} <= set(a)
+    assert len([k for k in a if k.startswith("deltas/")]) == len(members)
+    different = [k for k in a if a[k] != b[k]]
+    assert not different, different
+
+
+def test_determinism_would_notice_a_different_option(other_process: Path, tmp_path: Path) -> None:
+    """The comparison is sensitive: a slightly different budget changes the bytes."""
+    members, base, _extra = MODES["lossy"]
+    here = tmp_path / "fam"
+    wfactor.factor(_args(members), base=str(FAMILY / base), out=here, budget=wfactor.Budget(max_rel_error=0.05))
+    a, b = _files(here), _files(other_process / "lossy" / "another_name")
+    assert a["backbone.safetensors"] == b["backbone.safetensors"]
+    assert a["deltas/lora.safetensors"] != b["deltas/lora.safetensors"]

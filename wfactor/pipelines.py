@@ -1,0 +1,258 @@
+"""Whole pipelines as members: a directory of several component checkpoints (spec/FORMAT.md section 3.3).
+
+A pipeline directory is
+- a diffusers layout: ``model_index.json`` naming components, each a subfolder holding
+  ``diffusion_pytorch_model.safetensors`` or ``model.safetensors`` (or a sharded ``*.safetensors.index.json``);
+- a directory of two or more subfolders that each hold such weights (no ``model_index.json``);
+- a directory of two or more non-shard ``*.safetensors`` files (each file is a component named by its stem).
+
+It opens as one :class:`PipelineSource` whose tensor names are ``<component>/<tensor name>``, so the
+factor pipeline sees one model: components identical across members cost nothing (records with no terms),
+drifting ones are delta-coded against the backbone's component of the same name. The component -> file
+mapping is recorded in the member's manifest entry (``components``) and ``materialize`` writes the same
+layout back; config, scheduler and tokenizer files keep their relative paths (``aux/<member>/<rel path>``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from .errors import InputError, NotFoundError
+from .format.components import COMPONENT_RE, SEP, Component
+from .format.safetensors_io import SafetensorsFile, loads_strict
+from .sources import AUX_MAX_BYTES, AUX_SUFFIXES, Source
+from .tensors import from_storage
+
+MODEL_INDEX = "model_index.json"
+# weight file names tried in a component folder, in order (diffusers models, then transformers models)
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+# -- input side --------------------------------------------------------------------------------------------
+@dataclass
+class PipelineSource(Source):
+    """A pipeline directory as one model: tensor ``<component>/<name>`` is tensor ``<name>`` of the
+    component's checkpoint. ``aux_files`` are all config/tokenizer/scheduler files, with paths relative to
+    ``path`` kept (:meth:`aux_relpath`)."""
+
+    components: list[Component] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._open = {}
+        self._where = {}
+        self._orig: dict[str, str] = {}
+        try:
+            for comp in self.components:
+                count = 0
+                for f in comp.files:
+                    sf = SafetensorsFile(f)
+                    self._open[f] = sf
+                    for key, info in sf.tensors.items():
+                        full = f"{comp.name}{SEP}{key}"
+                        if full in self._where:
+                            raise InputError(
+                                f"{f}: tensor {key!r} also appears in {self._where[full][0]}; shards must not overlap"
+                            )
+                        self._where[full] = (f, info)
+                        self._orig[full] = key
+                        count += 1
+                comp.tensors = count
+        except BaseException:
+            self.close()
+            raise
+
+    def tensor(self, key: str) -> torch.Tensor:
+        f, info = self._where[key]
+        return from_storage(self._open[f].numpy(self._orig[key]), info.dtype)
+
+    def raw_bytes(self, key: str) -> bytes:
+        f, _info = self._where[key]
+        return self._open[f].read_bytes(self._orig[key])
+
+    def aux_relpath(self, p: Path) -> str:
+        return p.relative_to(self.path).as_posix()
+
+
+def _weights_in(folder: Path) -> tuple[str, list[Path]] | None:
+    """(weights file name to write back, source files) of one component folder, or None without weights."""
+    from .sources import _index_files
+
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return name, [folder / name]
+        index = folder / (name + ".index.json")
+        if index.is_file():
+            return name, _index_files(index)
+    found = [p for p in sorted(folder.glob("*.safetensors")) if p.is_file()]
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return indexes[0].name[: -len(".index.json")], _index_files(indexes[0])
+    if len(found) == 1:
+        return found[0].name, found
+    if found:
+        raise InputError(
+            f"{folder}: {len(found)} .safetensors files and none named {' or '.join(WEIGHT_NAMES)}; keep one "
+            "weights file per component (variants such as *.fp16.safetensors: pass a copy without them)"
+        )
+    return None
+
+
+def _index_components(path: Path) -> list[str]:
+    try:
+        obj = loads_strict((path / MODEL_INDEX).read_text(encoding="utf-8"))
+        assert isinstance(obj, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise InputError(f"{path / MODEL_INDEX}: not a diffusers model index (expected a JSON object)") from None
+    names = []
+    for k, v in obj.items():
+        if k.startswith("_") or not isinstance(v, list) or len(v) != 2 or v[0] is None:
+            continue
+        if (path / k).is_dir():
+            names.append(k)
+    return sorted(names)
+
+
+def pipeline_layout(path: Path) -> list[Component] | None:
+    """The components of a pipeline directory, or None when ``path`` is not one (a plain model directory)."""
+    if not path.is_dir():
+        return None
+    comps: list[Component] = []
+    if (path / MODEL_INDEX).is_file():
+        for name in _index_components(path):
+            w = _weights_in(path / name)
+            if w is not None:
+                comps.append(Component(name, f"{name}/{w[0]}", files=w[1]))
+        if not comps:
+            raise InputError(f"{path}: {MODEL_INDEX} names no component folder holding .safetensors weights")
+        return comps
+    top = [p for p in sorted(path.glob("*.safetensors")) if p.is_file()]
+    if top:
+        if len(top) < 2 or (path / "model.safetensors").is_file() or any(path.glob("*.safetensors.index.json")):
+            return None
+        shards = [p.name for p in top if SHARD_RE.search(p.name)]
+        if shards:
+            raise InputError(
+                f"{path}: {shards[0]} looks like a shard but there is no *.safetensors.index.json beside it"
+            )
+        for p in top:
+            if not COMPONENT_RE.match(p.stem):
+                raise InputError(f"{p}: component name {p.stem!r} must match {COMPONENT_RE.pattern}")
+        return [Component(p.stem, p.name, files=[p]) for p in top]
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        w = _weights_in(sub)
+        if w is not None and COMPONENT_RE.match(sub.name):
+            comps.append(Component(sub.name, f"{sub.name}/{w[0]}", files=w[1]))
+    return comps if len(comps) >= 2 else None
+
+
+def _aux(path: Path, weights: set[Path]) -> list[Path]:
+    """Config/tokenizer/scheduler files of the pipeline: top level and one folder down."""
+    out: list[Path] = []
+    folders = [path] + sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        for p in sorted(folder.iterdir()):
+            if not p.is_file() or p in weights or p.name.endswith(".safetensors.index.json"):
+                continue
+            if p.suffix in AUX_SUFFIXES and p.stat().st_size <= AUX_MAX_BYTES:
+                out.append(p)
+    return out
+
+
+def open_pipeline(path: Path, name: str, comps: list[Component], hub: str | None = None) -> PipelineSource:
+    files = [f for c in comps for f in c.files]
+    return PipelineSource(name, path, files, _aux(path, set(files)), hub=hub, components=comps)
+
+
+# -- helpers for the writer and the reader -----------------------------------------------------------------
+def member_components(src: Source) -> list[Component]:
+    return list(src.components) if isinstance(src, PipelineSource) else []
+
+
+def aux_relpath(src: Source, p: Path) -> str:
+    return src.aux_relpath(p) if isinstance(src, PipelineSource) else p.name
+
+
+def aux_destination(path: str, has_components: bool) -> str:
+    """Where a materialised member's aux file goes, relative to the output directory: for a pipeline member,
+    its path without the first two segments (``aux/<member>/unet/config.json`` -> ``unet/config.json``,
+    spec 3.3); for any other member, its file name."""
+    parts = path.split("/")
+    if has_components and len(parts) > 2:
+        return "/".join(parts[2:])
+    return PurePosixPath(path).name
+
+
+def component_of(entry: Any, component: str, where: str) -> str:
+    """Check ``component`` names a component of the manifest member ``entry``; returns its tensor prefix."""
+    names = [c.name for c in getattr(entry, "components", [])]
+    if component not in names:
+        have = ", ".join(names) if names else "none: it is not a pipeline member"
+        raise NotFoundError(f"{where}: member {entry.name!r} has no component {component!r} (components: {have})")
+    return component + SEP
+
+
+def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | None = None) -> Path:
+    """Write a pipeline member back in its own layout: each component's tensors (namespace stripped, the
+    member's order) to ``out/<component file>``, sharded with an index when ``max_bytes`` is given, and
+    every aux file to its relative path. Everything is written under temporary names first and renamed
+    when all files are complete. Returns ``out``."""
+    import os
+    import shutil
+
+    from .format.safetensors_io import Entry, write_streaming
+    from .format.shards import write_sharded
+    from .tensors import to_storage
+
+    entry = family.member(name)
+    tmp_files: list[tuple[Path, Path]] = []
+    try:
+        with family.open_delta(name) as delta:
+            for comp in entry.components:
+                prefix = comp.name + SEP
+                metas = [t for t in entry.tensors if t.name.startswith(prefix)]
+                entries = [Entry(t.name[len(prefix) :], t.dtype, t.shape) for t in metas]
+                target = out / comp.file
+                target.parent.mkdir(parents=True, exist_ok=True)
+
+                def produce(e: Entry, prefix: str = prefix) -> bytes:
+                    rec = delta.records[prefix + e.name]
+                    return to_storage(family._rebuild(delta, rec, "cpu")).tobytes()
+
+                if max_bytes is None:
+                    tmp = target.parent / f".{target.name}.tmp"
+                    tmp_files.append((tmp, target))
+                    write_streaming(tmp, entries, produce, {"format": "pt"})
+                else:
+                    stem = target.name[: -len(".safetensors")]
+                    tmp_files += write_sharded(target.parent, stem, entries, produce, {"format": "pt"}, max_bytes)
+        for ref in entry.aux_files:
+            src = ref.check_digest(family.root)
+            dst = out / aux_destination(ref.path, True)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            t = dst.parent / f".{dst.name}.tmp"
+            tmp_files.append((t, dst))
+            shutil.copyfile(src, t)
+    except BaseException:
+        for t, _ in tmp_files:
+            t.unlink(missing_ok=True)
+        raise
+    for t, dst in tmp_files:
+        os.replace(t, dst)
+    # weights of an earlier materialisation (--force) in another sharding would shadow the new ones
+    written = {dst for _, dst in tmp_files}
+    for comp in entry.components:
+        target = out / comp.file
+        stem = target.name[: -len(".safetensors")]
+        for p in target.parent.glob(f"{stem}*.safetensors*"):
+            sharded = re.fullmatch(
+                re.escape(stem) + r"(-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)", p.name
+            )
+            if (p.name == target.name or sharded) and p not in written and p.is_file():
+                p.unlink()
+    return out
