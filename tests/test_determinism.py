@@ -102,7 +102,7 @@ def test_determinism_would_notice_a_different_option(other_process: Path, tmp_pa
     """The comparison is sensitive: a slightly different budget changes the bytes."""
     members, base, _extra = MODES["lossy"]
     here = tmp_path / "fam"
-    wfactor.factor(_args(members), base=str(FAMILY / base), out=here, budget=wfactor.Budget(max_rel_error=0.05))
+    wfactor.factor(_args(members), base=str(FAMILY / base), out=here, budget=wfactor.Budget(max_rel_error=0.2))
     a, b = _files(here), _files(other_process / "lossy" / "another_name")
     assert a["backbone.safetensors"] == b["backbone.safetensors"]
     assert a["deltas/lora.safetensors"] != b["deltas/lora.safetensors"]

@@ -256,7 +256,9 @@ class TensorPlanner:
             rank, bits = int(args[0]), int(args[1])
             lr = self._lowrank_term(rank)
             rest = self.delta - self._spectrum_product(rank).reshape(self.shape)
-            p = assemble(self.name, t, self.base_name, [lr, quant.encode(*quant.best(rest, bits), bits)], None)
+            q = quant.encode(*quant.best(rest, bits), bits)
+            del rest  # before the rebuild below: keep one tensor-sized temporary at a time
+            p = assemble(self.name, t, self.base_name, [lr, q], None)
         elif kind == "sparse":
             p = assemble(self.name, t, self.base_name, [sparse.encode(self.delta, int(args[0]))], None)
         else:
@@ -301,12 +303,15 @@ class TensorPlanner:
         base_only = self.build("base")
         if base_only.record.error["rel_l2"] <= limit:
             return base_only
-        best = self.build("exact")
+        # the exact option caps every search; only its size is kept meanwhile (it is rebuilt, identically, in
+        # the rare case it wins), so that its stored bytes do not sit in memory through the searches
+        exact_bytes = self.build("exact").nbytes
+        del self._cache["exact"]
         cands: list[Planned] = []
         q = self._search_bits("quant:{}", limit)
         if q is not None:
             cands.append(q)
-        budget_bytes = min([best.nbytes] + [c.nbytes for c in cands])
+        budget_bytes = min([exact_bytes] + [c.nbytes for c in cands])
         lr = self._search_rank(limit, budget_bytes)
         if lr is not None:
             cands.append(lr)
@@ -317,7 +322,8 @@ class TensorPlanner:
         sp = self._search_sparse(limit, budget_bytes)
         if sp is not None:
             cands.append(sp)
-        return min(cands + [best], key=lambda c: c.nbytes)
+        chosen = min(cands, key=lambda c: c.nbytes) if cands else None  # min keeps the first of equals
+        return chosen if chosen is not None and chosen.nbytes <= exact_bytes else self.build("exact")
 
     def _fits(self, option: str, limit: float) -> Planned | None:
         p = self.build(option)
@@ -340,10 +346,16 @@ class TensorPlanner:
         max_rank = self._max_rank(budget_bytes)
         if max_rank < 1:
             return None
-        _u, s, _vh = self._spectrum(max_rank)
-        s = s[:max_rank]
-        tail = self.nd**2 - np.cumsum(s.to(torch.float64).numpy() ** 2)
-        ok = np.nonzero(tail <= (_MARGIN * limit * self.nw) ** 2)[0]
+        # the spectrum grows only as far as needed (a merged LoRA is found from its first singular values)
+        want = min(max_rank, 32)
+        while True:
+            _u, s, _vh = self._spectrum(want)
+            s = s[:want]
+            tail = self.nd**2 - np.cumsum(s.to(torch.float64).numpy() ** 2)
+            ok = np.nonzero(tail <= (_MARGIN * limit * self.nw) ** 2)[0]
+            if ok.size or want >= max_rank:
+                break
+            want = min(max_rank, want * 4)
         if ok.size == 0:
             return None
         rank = int(ok[0]) + 1

@@ -70,12 +70,19 @@ def predict(record: Record, base: torch.Tensor | None, load: PartLoader, device:
         spec = record.terms[0].parts["values"]
         return load(spec).reshape(record.shape)
     x: torch.Tensor | None = None
+    owned = False  # x may be the backbone's own tensor (or a part) until the first sum makes a new one
     if base is not None:
         x = base_view(base.to(device), record.shape, cdtype)
     for term in record.terms:
         parts = {role: load(spec) for role, spec in term.parts.items()}
         t = decode_term(term.codec, parts, term.params, record.shape, cdtype)
-        x = t if x is None else x + t
+        if x is None:
+            x = t
+        elif owned:
+            x.add_(t)  # the same IEEE sums as x + t, without another tensor-sized buffer
+        else:
+            x, owned = x + t, True
+        del t, parts
     assert x is not None
     return canonical_nan(x.to(target))
 

@@ -35,7 +35,9 @@ def quantize(delta: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor,
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
     # Two separately rounded IEEE operations (no fused multiply-add) keep this bit-reproducible (spec 5.2).
-    return codes.to(cdtype) * scales.to(cdtype)[:, None]
+    out = codes.to(cdtype)
+    s = scales.to(cdtype)[:, None]
+    return out.mul_(s) if out.data_ptr() != codes.data_ptr() else out * s  # in place on our own copy
 
 
 SEARCH_ROWS = 256  # the clip is chosen on at most this many evenly spaced rows, then applied to all
