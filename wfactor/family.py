@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import FormatError, IntegrityError, NotFoundError, WfactorError
@@ -27,7 +28,7 @@ from .format.records import Record
 from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
 from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat
 from .reconstruct import reconstruct
-from .tensors import bitwise_equal, from_storage, to_storage
+from .tensors import bitwise_equal, from_storage, storage_view
 
 
 class Family:
@@ -170,7 +171,9 @@ class Family:
             return self._held[key][name]
         self._verify_backbone()
         f = self._bb_of[name]
-        return from_storage(f.numpy(name), f.tensors[name].dtype).to(device)
+        # a copy-on-write mapping of the backbone file: page cache, not anonymous memory (reconstruction
+        # never writes into its base)
+        return from_storage(f.mapped(name), f.tensors[name].dtype).to(device)
 
     # -- rebuilding --------------------------------------------------------------------------------------
     def iter_tensors(
@@ -295,9 +298,10 @@ class Family:
             with self.open_delta(name) as delta:
                 entries = [Entry(t.name, t.dtype, t.shape) for t in entry.tensors]
 
-                def produce(e: Entry) -> bytes:
+                def produce(e: Entry) -> bytes | memoryview:
                     rec = delta.records[e.name]
-                    return to_storage(self._rebuild(delta, rec, "cpu")).tobytes()
+                    # the rebuilt tensor's own bytes, no copy (it is ours, or the backbone's mapping, read only)
+                    return storage_view(self._rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
 
                 if max_bytes is None:
                     tmp = out / ".model.safetensors.tmp"

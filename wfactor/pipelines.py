@@ -205,9 +205,11 @@ def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | Non
     import os
     import shutil
 
+    import numpy as np
+
     from .format.safetensors_io import Entry, write_streaming
     from .format.shards import write_sharded
-    from .tensors import to_storage
+    from .tensors import storage_view
 
     entry = family.member(name)
     tmp_files: list[tuple[Path, Path]] = []
@@ -220,9 +222,9 @@ def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | Non
                 target = out / comp.file
                 target.parent.mkdir(parents=True, exist_ok=True)
 
-                def produce(e: Entry, prefix: str = prefix) -> bytes:
+                def produce(e: Entry, prefix: str = prefix) -> bytes | memoryview:
                     rec = delta.records[prefix + e.name]
-                    return to_storage(family._rebuild(delta, rec, "cpu")).tobytes()
+                    return storage_view(family._rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
 
                 if max_bytes is None:
                     tmp = target.parent / f".{target.name}.tmp"
