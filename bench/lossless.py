@@ -446,7 +446,13 @@ def render(data: dict[str, Any]) -> tuple[str, dict]:
         lines.append(
             f"- **{f['label']}, `factor --lossless` no slower than 1.5x zstd -3 over the same bytes: "
             f"{'met' if ok_t else 'MISSED'}.** {ms['wfactor']['seconds']:.1f} s vs {z['seconds']:.2f} s: "
-            f"{t_ratio:.1f}x ({t_net:.1f}x without the CLI's {f['speed']['startup_s']:.1f} s start-up)."
+            f"{t_ratio:.1f}x ("
+            + (
+                f"{t_net:.1f}x without the CLI's {f['speed']['startup_s']:.1f} s start-up)."
+                if t_net > 0
+                else f"the run is shorter than the CLI's {f['speed']['startup_s']:.1f} s start-up, measured apart: "
+                "no net figure)."
+            )
         )
     w("\n".join(lines))
     w("")

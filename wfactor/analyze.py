@@ -328,9 +328,19 @@ def _overlap(a: torch.Size, b: torch.Size) -> tuple[tuple[slice, ...], str | Non
 
 
 def compare_tensor(
-    name: str, w: torch.Tensor, b: torch.Tensor, *, member_dtype: str, base_dtype: str, ranks: bool = True
+    name: str,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    member_dtype: str,
+    base_dtype: str,
+    ranks: bool = True,
+    sample: int | None = None,
 ) -> TensorAnalysis:
-    """Compare a member tensor ``w`` with its base tensor ``b`` (CPU tensors of their stored dtypes)."""
+    """Compare a member tensor ``w`` with its base tensor ``b`` (CPU tensors of their stored dtypes).
+
+    ``sample``: estimate drift, cosine and changed share from at most about that many evenly strided
+    elements (deterministic; ``compared`` says how many), as ``factor`` does for its relatedness verdict."""
     shape, bshape = list(w.shape), list(b.shape)
     status = "shape_changed" if shape != bshape else "dtype_changed" if member_dtype != base_dtype else "drift"
     ta = TensorAnalysis(
@@ -357,6 +367,10 @@ def compare_tensor(
         ta.note = (ta.note + "; " if ta.note else "") + "no elements to compare"
         return ta
     wflat, cflat, bflat = wb.reshape(-1), cb.reshape(-1), bb.reshape(-1)
+    if sample is not None and numel > sample and not (ranks and w.dim() >= 2):
+        step = -(-numel // sample)
+        wflat, cflat, bflat = (x[::step].contiguous() for x in (wflat, cflat, bflat))
+        numel = ta.compared = wflat.numel()
     wbits, cbits = bits_view(wflat), bits_view(cflat)
     changed = 0
     dd = ww = bn = wbdot = 0.0
@@ -563,9 +577,10 @@ def verdict(s: MemberSummary, shares_nothing: bool) -> tuple[bool, str]:
 
 # -- the analysis ----------------------------------------------------------------------------------------
 def analyze_member(
-    member: Source, base: Source, *, ranks: bool = True, progress: Progress | None = None
+    member: Source, base: Source, *, ranks: bool = True, progress: Progress | None = None, sample: int | None = None
 ) -> MemberAnalysis:
-    """Compare one opened member with the opened base, one tensor pair at a time."""
+    """Compare one opened member with the opened base, one tensor pair at a time (``sample``: see
+    ``compare_tensor``)."""
     tensors: list[TensorAnalysis] = []
     total = member.nbytes
     done = 0
@@ -590,7 +605,11 @@ def analyze_member(
             binfo = base.info(key)
             w = member.tensor(key)
             b = base.tensor(key)
-            tensors.append(compare_tensor(key, w, b, member_dtype=info.dtype, base_dtype=binfo.dtype, ranks=ranks))
+            tensors.append(
+                compare_tensor(
+                    key, w, b, member_dtype=info.dtype, base_dtype=binfo.dtype, ranks=ranks, sample=sample
+                )
+            )
             del w, b
         done += info.nbytes
         if progress is not None:

@@ -28,7 +28,15 @@ from typing import Any
 
 from .analyze import analyze_member
 from .errors import InputError, LimitError
-from .factor import _EMPTY, MemberReport, Progress, member_entry, single_threaded, write_delta
+from .factor import (
+    _EMPTY,
+    VERDICT_SAMPLE,
+    MemberReport,
+    Progress,
+    member_entry,
+    single_threaded,
+    write_delta,
+)
 from .family import Family
 from .format.atomic import atomic_file, fsync_dir, temp_name
 from .format.constants import AUX_DIR, DELTAS_DIR, MANIFEST_NAME, MAX_MEMBERS
@@ -160,7 +168,7 @@ def add(
                 )
             if old is None and len(man.members) >= MAX_MEMBERS:
                 raise LimitError(f"{root}: already {len(man.members)} members (limit {MAX_MEMBERS})")
-            related = analyze_member(src, backbone, ranks=False).related
+            related = analyze_member(src, backbone, ranks=False, sample=VERDICT_SAMPLE).related
             taken = _referenced(man)
             rel = _free(root, f"{DELTAS_DIR}/{name}.safetensors", taken)
             final = root / rel

@@ -55,6 +55,10 @@ from .pipelines import aux_relpath, member_components
 from .plan import Budget, TensorPlanner, allocate, plan_tensor, rekey
 from .sources import Source, open_source
 
+# The relatedness verdict (related members are delta-coded, unrelated ones stored whole) reads drift from at
+# most this many evenly strided elements of each tensor: the verdict only asks whether drift is below 0.5.
+VERDICT_SAMPLE = 1 << 16
+
 Progress = Callable[[str, int, int], None]  # (stage label, bytes done, bytes total)
 
 
@@ -413,7 +417,11 @@ _EMPTY: Any = _Empty()
 def _unrelated(sources: Sequence[Source], backbone: Source) -> set[str]:
     """Members that `wfactor analyze` would call unrelated to ``backbone`` (one rule for both commands;
     spec/ANALYZE.md states it). The backbone itself, when it is a member, is related."""
-    return {s.name for s in sources if s is not backbone and not analyze_member(s, backbone, ranks=False).related}
+    return {
+        s.name
+        for s in sources
+        if s is not backbone and not analyze_member(s, backbone, ranks=False, sample=VERDICT_SAMPLE).related
+    }
 
 
 _P = ParamSpec("_P")
