@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -125,3 +126,15 @@ def test_help_texts_have_examples() -> None:
     for cmd in ("factor", "materialize", "verify", "inspect"):
         code, out, _ = invoke(cmd, "--help")
         assert code == 0 and "Example" in out
+
+
+def test_progress_is_plain_lines_without_a_terminal_and_silent_with_q(tmp_path: Path) -> None:
+    """Not a terminal (a CI log): one plain line per finished step, with its bytes and rate; -q: nothing."""
+    args = ["factor", f"lora={FAMILY / 'lora'}", "--base", str(FAMILY / "base"), "--lossless"]
+    code, _out, err = invoke(*args, "-o", str(tmp_path / "a"))
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert any(ln.startswith("backbone: ") for ln in lines) and any(ln.startswith("lora: ") for ln in lines)
+    assert all(re.fullmatch(r"[\w .-]+: .+ in \d+\.\d s \(.+/s\)", ln) for ln in lines), lines
+    code, _out, err = invoke(*args, "-o", str(tmp_path / "b"), "-q")
+    assert code == 0 and err.strip() == ""

@@ -12,11 +12,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import FAMILY, ROOT
 
 import wfactor
@@ -28,16 +26,6 @@ MODES: dict[str, tuple[list[str], str | None, list[str]]] = {
     "no_base": (["base", "lora", "top_ft"], None, []),
     "target_ratio": (["lora", "top_ft"], "base", ["--target-ratio", "0.5"]),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread for this module's tiny tensors: on a busy machine torch's pool, waiting on cores
-    other jobs hold, made factoring the fixtures tens of times slower (bench/common.py says the same)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _budget(extra: list[str]) -> wfactor.Budget:

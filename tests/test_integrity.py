@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,16 +29,6 @@ from wfactor.tensors import bitwise_equal
 MEMBERS = ["lora", "top_ft"]
 FLIPS_PER_FILE = 12
 AUX_FLIPS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread for this module's tiny tensors: on a busy machine torch's pool, waiting on cores
-    other jobs hold, made factoring the fixtures tens of times slower (bench/common.py says the same)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(member: str) -> torch.nn.Module:

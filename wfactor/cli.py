@@ -5,6 +5,7 @@ Exit codes: 0 success; 1 verification failed or a file's digest did not match; 2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -93,7 +94,7 @@ class PlainProgress:
 def progress_bar(quiet: bool) -> tuple[Any, Callable[[str, int, int], None] | None]:
     """A rich progress bar with bytes/s on a terminal, plain lines otherwise, nothing with ``quiet``."""
     if quiet:
-        return None, None
+        return contextlib.nullcontext(), None
     if not err.is_terminal:
         plain = PlainProgress()
         return plain, plain.update
@@ -259,13 +260,10 @@ def factor(
         budget = Budget(
             lossless=lossless, max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio
         )
-        if bar:
-            with bar:
-                rep = factor_family(
-                    list(members), base, output, budget, force=force, progress=update, max_shard_size=max_shard_size
-                )
-        else:
-            rep = factor_family(list(members), base, output, budget, force=force, max_shard_size=max_shard_size)
+        with bar:
+            rep = factor_family(
+                list(members), base, output, budget, force=force, progress=update, max_shard_size=max_shard_size
+            )
         if as_json:
             emit_json(rep.to_json())
         else:
@@ -735,11 +733,8 @@ def analyze(
                 ) from None
         to_stdout = json_path == "-"
         bar, update = progress_bar(quiet or to_stdout)
-        if bar:
-            with bar:
-                rep = analyze_models(list(members), base, ranks=not no_rank, progress=update)
-        else:
-            rep = analyze_models(list(members), base, ranks=not no_rank)
+        with bar:
+            rep = analyze_models(list(members), base, ranks=not no_rank, progress=update)
         if to_stdout:
             emit_json(rep.to_json())
         else:
@@ -868,11 +863,8 @@ def add(
             lossless=lossless, max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio
         )
         bar, update = progress_bar(quiet or as_json)
-        if bar:
-            with bar:
-                rep = add_member(family, member, budget, force=force, base=base, progress=update)
-        else:
-            rep = add_member(family, member, budget, force=force, base=base)
+        with bar:
+            rep = add_member(family, member, budget, force=force, base=base, progress=update)
         if as_json:
             emit_json(rep.to_json())
             return
