@@ -25,7 +25,7 @@ from . import __version__
 from .analyze import analyze_member
 from .backbone import medoid, pairwise, widest, write_consensus
 from .errors import InputError
-from .format.atomic import recover, replace_dir, temp_name
+from .format.atomic import fsync_dir, recover, replace_dir, temp_name
 from .format.constants import (
     AUX_DIR,
     BACKBONE_LIST_NAME,
@@ -341,15 +341,6 @@ def _copy_aux(src: Source, root: Path, name: str) -> list[FileRef]:
     return refs
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_family(
@@ -400,7 +391,7 @@ def _write_family(
         backbone_shards=shards,
     )
     manifest.write_atomic(tmp)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     return manifest, reports
 
 

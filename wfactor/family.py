@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import FormatError, IntegrityError, NotFoundError, WfactorError
+from .format.atomic import staged_files
 from .format.constants import META_KIND, META_VERSION
 from .format.delta import DeltaFile, check_version
 from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, sha256_file, shard_list_bytes
@@ -293,8 +294,7 @@ class Family:
             from .pipelines import materialize_pipeline
 
             return materialize_pipeline(self, name, out, max_bytes)
-        tmp_files: list[tuple[Path, Path]] = []
-        try:
+        with staged_files() as tmp_files:  # renamed into place together, or all deleted on error
             with self.open_delta(name) as delta:
                 entries = [Entry(t.name, t.dtype, t.shape) for t in entry.tensors]
 
@@ -316,12 +316,6 @@ class Family:
                 t = out / f".{dst.name}.tmp"
                 tmp_files.append((t, dst))
                 shutil.copyfile(src, t)
-        except BaseException:
-            for t, _ in tmp_files:
-                t.unlink(missing_ok=True)
-            raise
-        for t, dst in tmp_files:
-            os.replace(t, dst)
         # weights of an earlier materialisation (--force) would shadow or contradict the new ones
         written = {dst.name for _, dst in tmp_files}
         for p in out.iterdir():

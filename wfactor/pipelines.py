@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, NotFoundError
+from .format.atomic import staged_files
 from .format.components import COMPONENT_RE, SEP, Component
 from .format.safetensors_io import SafetensorsFile, loads_strict
 from .sources import AUX_MAX_BYTES, AUX_SUFFIXES, Source
@@ -202,7 +203,6 @@ def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | Non
     member's order) to ``out/<component file>``, sharded with an index when ``max_bytes`` is given, and
     every aux file to its relative path. Everything is written under temporary names first and renamed
     when all files are complete. Returns ``out``."""
-    import os
     import shutil
 
     import numpy as np
@@ -212,8 +212,7 @@ def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | Non
     from .tensors import storage_view
 
     entry = family.member(name)
-    tmp_files: list[tuple[Path, Path]] = []
-    try:
+    with staged_files() as tmp_files:  # renamed into place together, or all deleted on error
         with family.open_delta(name) as delta:
             for comp in entry.components:
                 prefix = comp.name + SEP
@@ -240,12 +239,6 @@ def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | Non
             t = dst.parent / f".{dst.name}.tmp"
             tmp_files.append((t, dst))
             shutil.copyfile(src, t)
-    except BaseException:
-        for t, _ in tmp_files:
-            t.unlink(missing_ok=True)
-        raise
-    for t, dst in tmp_files:
-        os.replace(t, dst)
     # weights of an earlier materialisation (--force) in another sharding would shadow the new ones
     written = {dst for _, dst in tmp_files}
     for comp in entry.components:

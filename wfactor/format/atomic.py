@@ -76,6 +76,21 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_dir(final.parent)
 
 
+@contextlib.contextmanager
+def staged_files() -> Iterator[list[tuple[Path, Path]]]:
+    """Collect (temporary, final) path pairs while files are written under temporary names; when the block
+    ends normally each is renamed into place, when it raises every temporary is deleted."""
+    pairs: list[tuple[Path, Path]] = []
+    try:
+        yield pairs
+    except BaseException:
+        for t, _ in pairs:
+            t.unlink(missing_ok=True)
+        raise
+    for t, final in pairs:
+        os.replace(t, final)
+
+
 def _renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
