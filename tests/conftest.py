@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ if str(FIXTURES) not in sys.path:
 # Nothing is fetched from the Hugging Face Hub at test time: a missing path that looks like a Hub id
 # (org/name) is looked up in the local cache only. tests/test_hub.py lays out its own cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# Verified-file stamps (wfactor/format/stamps.py) go to a cache of this test session, never to ~/.cache.
+os.environ["WFACTOR_CACHE"] = tempfile.mkdtemp(prefix="wfactor-test-cache-")
 
 # One torch thread in the test process: the fixtures are tiny, and on a small shared CI machine a thread
 # pool spinning against other processes makes them 10-50x slower. (factor() pins one thread by itself.)

@@ -14,6 +14,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tinylm
@@ -24,6 +25,7 @@ import wfactor
 import wfactor.torch as wt
 from wfactor.errors import IntegrityError, WfactorError
 from wfactor.format.safetensors_io import SafetensorsFile
+from wfactor.loader import BACKBONES
 from wfactor.tensors import bitwise_equal
 
 MEMBERS = ["lora", "top_ft"]
@@ -194,24 +196,156 @@ def test_open_checks_sizes_without_reading_data(family: Path, tmp_path: Path) ->
         wfactor.open_family(tmp_path / "fam2")
 
 
-def test_backbone_hashed_once_per_family(family: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backbone's SHA-256 is computed once per opened family, not per tensor or per member."""
+class HashCounter:
+    """Counts the files whose bytes are SHA-256 hashed: whole-file checks (``stamps.file_matches``) and the
+    backbone hashed while it is read (``read_flat`` with a hasher)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import wfactor.family as fmod
+        from wfactor.format import stamps
+
+        self.names: list[str] = []
+        real_hash, real_read = stamps.hash_open_file, fmod.read_flat
+
+        def hashing(fh: Any, *a: Any) -> str:
+            self.names.append(Path(fh.name).name)
+            return real_hash(fh, *a)
+
+        def reading(fh: Any, start: int, length: int, device: Any, hasher: Any = None, path: str = "") -> Any:
+            if hasher is not None:
+                self.names.append(Path(path).name)
+            return real_read(fh, start, length, device, hasher, path)
+
+        monkeypatch.setattr(stamps, "hash_open_file", hashing)
+        monkeypatch.setattr(fmod, "read_flat", reading)
+
+    def count(self, name: str) -> int:
+        return sum(n == name for n in self.names)
+
+
+def _settled_copy(family: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the family whose files count as settled for stamps (no one-second wait in tests), and a
+    process-wide backbone registry of its own: a backbone of the same digest that another test's Family
+    holds would otherwise be shared (already verified) instead of read from this copy."""
     import wfactor.family as fmod
+    from wfactor.format import stamps
+    from wfactor.loader import BackboneRegistry
 
-    calls: list[Path] = []
-    real = fmod.sha256_file
+    shutil.copytree(family, dest)
+    monkeypatch.setattr(stamps, "SETTLE_NS", 0)
+    monkeypatch.setattr(fmod, "BACKBONES", BackboneRegistry())
+    return dest
 
-    def counting(path: Path, *a: object) -> str:
-        calls.append(Path(path))
-        return real(path, *a)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(fmod, "sha256_file", counting)
+def test_backbone_hashed_at_most_once_per_family(family: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stamps off, the backbone's SHA-256 is computed exactly once per opened family, not per tensor or
+    per member, on both paths (resident and per tensor)."""
+    monkeypatch.setenv("WFACTOR_VERIFY", "always")
+    hashes = HashCounter(monkeypatch)
     with wfactor.open_family(family) as fam:
-        assert not calls  # opening reads no data
+        assert not hashes.names  # opening reads no data
         for m in MEMBERS:
             fam.state_dict(m)
             fam.state_dict(m)
-    assert sum(p.name == "backbone.safetensors" for p in calls) == 1, calls
+    assert hashes.count("backbone.safetensors") == 1, hashes.names
+    with wfactor.open_family(family) as fam:
+        # a backbone another Family of this process holds is shared, not read (or hashed) again
+        resident = BACKBONES.refs(fam.manifest.backbone.sha256, "cpu") > 0
+        fam.backbone("cpu")
+        for m in MEMBERS:
+            fam.state_dict(m)
+    assert hashes.count("backbone.safetensors") == (1 if resident else 2), hashes.names
+
+
+def test_stamps_skip_rehashing_unchanged_files(family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file verified once and unchanged since is not hashed again on load, on either path to the backbone
+    and for deltas; the tensors are the same. `verify` ignores stamps and hashes every file."""
+    fam_dir = _settled_copy(family, tmp_path / "fam", monkeypatch)
+    with wfactor.open_family(fam_dir) as fam:
+        first = {m: fam.state_dict(m) for m in MEMBERS}
+    hashes = HashCounter(monkeypatch)
+    with wfactor.open_family(fam_dir) as fam:
+        fam.backbone("cpu")
+        for m in MEMBERS:
+            got = fam.state_dict(m)
+            assert all(bitwise_equal(got[k], first[m][k]) for k in got)
+    with wfactor.open_family(fam_dir) as fam:
+        list(fam.iter_tensors("lora"))
+    assert hashes.names == [], hashes.names
+    with wfactor.open_family(fam_dir) as fam:
+        assert fam.verify().ok
+    assert hashes.count("backbone.safetensors") == 1
+    assert hashes.count("lora.safetensors") >= 1 and hashes.count("top_ft.safetensors") >= 1
+
+
+def test_stamps_never_vouch_for_a_changed_file(family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a stamp is recorded, a flipped byte in the backbone or a delta is caught on load (the write
+    changed the file's ctime), on the resident path, the per-tensor path and attach; and a file rewritten
+    with its original bytes is hashed again, not trusted."""
+    fam_dir = _settled_copy(family, tmp_path / "fam", monkeypatch)
+    with wfactor.open_family(fam_dir) as fam:
+        fam.backbone("cpu")
+        fam.state_dict("lora")
+    for rel in ("backbone.safetensors", "deltas/lora.safetensors"):
+        path = fam_dir / rel
+        good = path.read_bytes()
+        bad = bytearray(good)
+        bad[-3] ^= 0x10
+        path.write_bytes(bytes(bad))
+        with wfactor.open_family(fam_dir) as fam, pytest.raises(IntegrityError, match="sha256"):
+            fam.backbone("cpu")
+            fam.state_dict("lora")
+        with wfactor.open_family(fam_dir) as fam, pytest.raises(IntegrityError, match="sha256"):
+            list(fam.iter_tensors("lora"))
+        with wfactor.open_family(fam_dir) as fam, pytest.raises(IntegrityError, match="sha256"):
+            wt.attach(_model("lora"), fam, "lora")
+        path.write_bytes(good)  # the right bytes again: hashed (a new ctime), then trusted
+        hashes = HashCounter(monkeypatch)
+        with wfactor.open_family(fam_dir) as fam:
+            fam.state_dict("lora")
+        assert hashes.count(path.name) == 1, hashes.names
+        monkeypatch.undo()
+        _settled_copy(family, tmp_path / f"again-{path.name}", monkeypatch)  # the same patches again
+
+
+def test_stamps_need_a_settled_file_and_can_be_turned_off(
+    family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No stamp is recorded for a file changed within SETTLE_NS (a write in the same timestamp tick could
+    keep its ctime); WFACTOR_VERIFY=always hashes on every open; an unusable cache only costs the hash
+    (stamps then last as long as the process)."""
+    from wfactor.format import stamps
+
+    fam_dir = tmp_path / "fam"
+    shutil.copytree(family, fam_dir)
+    monkeypatch.setattr(stamps, "SETTLE_NS", 3600 * 10**9)
+    hashes = HashCounter(monkeypatch)
+    for _ in range(2):
+        with wfactor.open_family(fam_dir) as fam:
+            fam.state_dict("lora")
+    assert hashes.count("backbone.safetensors") == 2 and hashes.count("lora.safetensors") == 2
+
+    monkeypatch.setattr(stamps, "SETTLE_NS", 0)
+    monkeypatch.setenv("WFACTOR_VERIFY", "always")
+    for _ in range(2):
+        with wfactor.open_family(fam_dir) as fam:
+            fam.state_dict("lora")
+    assert hashes.count("backbone.safetensors") == 4
+
+    monkeypatch.delenv("WFACTOR_VERIFY")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("WFACTOR_CACHE", str(blocker))
+    stamps.forget_memo()
+    for _ in range(2):  # the stamp could not be written: kept for this process only
+        with wfactor.open_family(fam_dir) as fam:
+            fam.state_dict("lora")
+    assert hashes.count("backbone.safetensors") == 5
+    stamps.forget_memo()  # as a new process would: nothing on disk vouches for it
+    with wfactor.open_family(fam_dir) as fam:
+        fam.state_dict("lora")
+    assert hashes.count("backbone.safetensors") == 6
+    stamps.forget_memo()
 
 
 def test_damaged_file_after_open_is_caught_at_use(family: Path, tmp_path: Path) -> None:

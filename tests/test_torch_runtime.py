@@ -194,8 +194,11 @@ def test_quantised_deltas_stay_factored(fam: wfactor.Family) -> None:
     quantised = {
         n[: -len(".weight")]
         for n, r in recs.items()
-        if n.endswith(".weight") and [t.codec for t in r.terms] == ["quant"] and r.residual is None
-        and r.same_as is None and tuple(bb[r.base].shape) == tuple(r.shape)
+        if n.endswith(".weight")
+        and [t.codec for t in r.terms] == ["quant"]
+        and r.residual is None
+        and r.same_as is None
+        and tuple(bb[r.base].shape) == tuple(r.shape)
     }
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (wt.FactoredLinear, wt.FactoredEmbedding))}
     linear_q = {n for n in quantised if isinstance(model.get_submodule(n), (wt.FactoredLinear, wt.FactoredEmbedding))}
@@ -229,3 +232,60 @@ def test_quant_layer_checks_its_codes() -> None:
     emb = wt.FactoredEmbedding(w, None, None, None, codes, scales)
     ids_ = torch.tensor([[3, 0], [1, 1]])
     assert torch.allclose(emb(ids_), (w + codes.float() * scales[:, None])[ids_], atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", range(2, 8))
+def test_packed_codes_round_trip_on_both_paths(bits: int) -> None:
+    """k-bit codes packed in bit planes unpack to the same codes, whole or by rows, for row lengths that are
+    not multiples of 8 and empty tensors; the numpy (CPU) and torch (device) paths give the same bytes."""
+    from wfactor.torch.layers import _pack_torch, _unpack_torch, pack_codes, unpack_codes
+
+    q = (1 << (bits - 1)) - 1
+    g = torch.Generator().manual_seed(bits)
+    for shape in [(5, 13), (3, 8), (2, 4, 9), (4, 1), (0, 5), (3, 0), (64, 1000)]:
+        codes = torch.randint(-q, q + 1, shape, generator=g, dtype=torch.int8)
+        planes = pack_codes(codes, bits)
+        assert planes.dtype == torch.uint8 and tuple(planes.shape) == (bits, *shape[:-1], (shape[-1] + 7) // 8)
+        assert torch.equal(planes, _pack_torch(codes, bits, q))
+        assert torch.equal(unpack_codes(planes, bits, shape[-1]), codes)
+        assert torch.equal(_unpack_torch(planes, bits, shape[-1], q), codes)
+        if len(shape) == 2 and shape[0] > 2:
+            rows = torch.tensor([[2, 0], [2, 1]])
+            assert torch.equal(unpack_codes(planes[:, rows], bits, shape[-1]), codes[rows])
+    with pytest.raises(ValueError, match="range"):
+        pack_codes(torch.full((2, 3), q + 1, dtype=torch.int8), bits)
+
+
+def test_packed_layers_compute_what_int8_layers_compute(fam: wfactor.Family) -> None:
+    """attach keeps k-bit codes packed (b/8 byte per weight, less than the int8 codes) and its outputs are
+    bit-identical to the int8 layers'; packed=False keeps int8 codes."""
+    packed = wt.attach(build("full_ft"), fam, "full_ft").eval()
+    plain = wt.attach(build("full_ft"), fam, "full_ft", packed=False).eval()
+    quant_layers = [
+        m for m in packed.modules() if isinstance(m, (wt.FactoredLinear, wt.FactoredEmbedding)) and m.quantised
+    ]
+    assert quant_layers
+    for layer in quant_layers:
+        assert layer.bits is not None and layer.bits < 8 and layer.code_planes is not None
+        rows, cols = layer.base_weight.shape
+        assert layer.code_planes.numel() == layer.bits * rows * ((cols + 7) // 8) < rows * cols
+    for layer in (m for m in plain.modules() if isinstance(m, (wt.FactoredLinear, wt.FactoredEmbedding))):
+        assert layer.code_planes is None and (layer.codes_int8 is not None) == layer.quantised
+    x = ids(4)
+    with torch.no_grad():
+        assert torch.equal(packed(x), plain(x))
+
+
+def test_delta_parts_decode_the_same_on_any_number_of_threads(
+    lossy_family: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delta's parts decode on a few threads; the result does not depend on how many."""
+    import wfactor.format.parts as parts_mod
+
+    results = []
+    for threads in (1, 4):
+        monkeypatch.setattr(parts_mod, "DECODE_THREADS", threads)
+        with wfactor.open_family(lossy_family) as f:
+            results.append(f.state_dict("full_ft"))
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 
 from .errors import FormatError, IntegrityError, NotFoundError, WfactorError
+from .format import stamps
 from .format.atomic import staged_files
 from .format.constants import META_KIND, META_VERSION
 from .format.delta import DeltaFile, check_version
-from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, sha256_file, shard_list_bytes
-from .format.parts import PartSpec, read_part
+from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, shard_list_bytes
+from .format.parts import PartSpec, read_part, read_parts
 from .format.records import Record
 from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
+from .format.stamps import file_matches
 from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat
 from .reconstruct import reconstruct
 from .tensors import bitwise_equal, from_storage, storage_view
@@ -103,10 +105,13 @@ class Family:
 
         return component_of(self.member(name), component, str(self.root))
 
-    def _verify_backbone(self) -> None:
-        if not self._bb_verified:
+    def _verify_backbone(self, full: bool = False) -> None:
+        """Every backbone file's SHA-256, once per Family (``full``: hashed again, stamps ignored)."""
+        if full or not self._bb_verified:
+            if full and self.manifest.backbone_shards:  # the shard list too
+                self.manifest.backbone.check_digest(self.root, use_stamps=False)
             for ref, f in zip(self._bb_refs, self._bb_files):
-                got = sha256_file(f.path)
+                got = file_matches(f.path, ref.sha256, use_stamps=not full)
                 if got != ref.sha256:
                     raise IntegrityError(
                         f"{f.path}: sha256 {got[:16]}..., the manifest records "
@@ -114,11 +119,12 @@ class Family:
                     )
             self._bb_verified = True
 
-    def open_delta(self, name: str) -> DeltaFile:
-        """The member's delta, its sha256 checked and its backbone digest matched to this family's backbone."""
+    def open_delta(self, name: str, use_stamps: bool = True) -> DeltaFile:
+        """The member's delta, its sha256 checked (see ``stamps``) and its backbone digest matched to this
+        family's backbone."""
         entry = self.member(name)
         path = resolve_inside(self.root, entry.delta.path, "delta")
-        entry.delta.check_digest(self.root)
+        entry.delta.check_digest(self.root, use_stamps)
         delta = DeltaFile(path, self._base_shapes, self.manifest.backbone.sha256)
         listed = {t.name: (t.shape, t.dtype) for t in entry.tensors}
         recorded = {r.name: (r.shape, r.dtype) for r in delta.records.values()}
@@ -145,16 +151,20 @@ class Family:
     def _load_backbone(self, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
         tensors: dict[str, torch.Tensor] = {}
         total = 0
-        for ref, f in zip(self._bb_refs, self._bb_files):  # each file hashed as it is read
-            hasher = hashlib.sha256()
+        for ref, f in zip(self._bb_refs, self._bb_files):  # each file hashed as it is read, unless stamped
             length = f.size - f.data_start
-            flat = read_flat(f.path, f.data_start, length, device, hasher)
-            got = hasher.hexdigest()
-            if got != ref.sha256:
-                raise IntegrityError(
-                    f"{f.path}: sha256 {got[:16]}..., the manifest records "
-                    f"{ref.sha256[:16]}...; the backbone was modified or replaced"
-                )
+            with f.reopen() as fh:
+                before = os.fstat(fh.fileno())
+                hasher = None if stamps.trusted(before, ref.sha256) else hashlib.sha256()
+                flat = read_flat(fh, f.data_start, length, device, hasher, str(f.path))
+                if hasher is not None:
+                    got = hasher.hexdigest()
+                    if got != ref.sha256:
+                        raise IntegrityError(
+                            f"{f.path}: sha256 {got[:16]}..., the manifest records "
+                            f"{ref.sha256[:16]}...; the backbone was modified or replaced"
+                        )
+                    stamps.remember(before, os.fstat(fh.fileno()), ref.sha256)
             tensors.update(tensors_from_flat(f, flat))
             total += length
         self._bb_verified = True
@@ -188,17 +198,29 @@ class Family:
         """Rebuild member ``name`` one tensor at a time, in the member's original tensor order. ``component``:
         only that component of a pipeline member, with names stripped of the ``<component>/`` namespace.
         ``skip``: names (as yielded) not to rebuild, e.g. the weights a caller keeps factored."""
-        entry = self.member(name)
-        prefix = self._component_prefix(name, component)
         with self.open_delta(name) as delta:
-            for meta in entry.tensors:
-                if not meta.name.startswith(prefix) or meta.name[len(prefix) :] in skip:
-                    continue
-                rec = delta.records[meta.name]
-                t = self._rebuild(delta, rec, device)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                yield meta.name[len(prefix) :], t
+            yield from self.iter_open(delta, name, device, dtype, component, skip)
+
+    def iter_open(
+        self,
+        delta: DeltaFile,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        component: str | None = None,
+        skip: Collection[str] = (),
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`iter_tensors` over a delta the caller already opened with :meth:`open_delta` (one digest
+        check for callers that read it twice, such as ``wfactor.torch.attach``)."""
+        prefix = self._component_prefix(name, component)
+        for meta in self.member(name).tensors:
+            if not meta.name.startswith(prefix) or meta.name[len(prefix) :] in skip:
+                continue
+            rec = delta.records[meta.name]
+            t = self._rebuild(delta, rec, device)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            yield meta.name[len(prefix) :], t
 
     def _rebuild(self, delta: DeltaFile, rec: Record, device: str | torch.device) -> torch.Tensor:
         if rec.same_as is not None:  # tied weights: stored once, rebuilt from the record they are tied to
@@ -264,11 +286,14 @@ class Family:
         if parts is not None and name in self._records:
             return self._records[name], parts
         with self.open_delta(name) as delta:
-            parts = {}
-            for rec in delta.records.values():
-                where = f"{delta.file.path}: tensor {rec.name!r}"
-                for spec in rec.part_specs():
-                    parts[spec.key] = from_storage(read_part(delta.file, spec, where), spec.dtype).to(dev)
+            specs = [spec for rec in delta.records.values() for spec in rec.part_specs()]
+            where = {
+                spec.key: f"{delta.file.path}: tensor {rec.name!r}"
+                for rec in delta.records.values()
+                for spec in rec.part_specs()
+            }
+            arrays = read_parts(delta.file, specs, where)
+            parts = {spec.key: from_storage(arrays.pop(spec.key), spec.dtype).to(dev) for spec in specs}
             self._records[name] = delta.records
             self.last_delta_bytes = self.member(name).delta.size
         self.delta_cache.put(name, dev, parts)
@@ -337,7 +362,7 @@ class Family:
 
         report = VerifyReport()
         try:
-            self._verify_backbone()
+            self._verify_backbone(full=True)
             report.checked_files.append(self.manifest.backbone.path)
             report.checked_files += [r.path for r in self.manifest.backbone_shards]
         except IntegrityError as exc:
@@ -345,10 +370,10 @@ class Family:
             return report
         for m in self.manifest.members:
             try:
-                with self.open_delta(m.name):
+                with self.open_delta(m.name, use_stamps=False):
                     pass
                 for ref in m.aux_files:
-                    ref.check_digest(self.root)
+                    ref.check_digest(self.root, use_stamps=False)
                 report.checked_files += [m.delta.path] + [a.path for a in m.aux_files]
             except WfactorError as exc:
                 report.problems.append(exc.message)

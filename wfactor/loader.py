@@ -10,11 +10,11 @@ into one flat device buffer: no per-tensor `.to(device)` from pageable memory-ma
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -26,49 +26,53 @@ CHUNK_BYTES = 64 << 20
 
 
 def read_flat(
-    path: Path, start: int, length: int, device: torch.device, hasher: hashlib._Hash | None = None
+    fh: io.BufferedReader,
+    start: int,
+    length: int,
+    device: torch.device,
+    hasher: hashlib._Hash | None = None,
+    path: str = "file",
 ) -> torch.Tensor:
-    """Bytes [start, start + length) of ``path`` as one uint8 tensor on ``device``.
-
-    ``hasher`` (if given) is fed the whole file, header included, in order."""
+    """Bytes [start, start + length) of the open file ``fh`` (``path``, for messages) as one uint8 tensor on
+    ``device``. ``hasher`` (if given) is fed the whole file, header included, in order."""
     out = torch.empty(length, dtype=torch.uint8, device=device)
-    with open(path, "rb") as fh:
-        if hasher is not None:
-            hasher.update(fh.read(start))
-        else:
-            fh.seek(start)
-        if device.type == "cpu":
-            view = out.numpy().data.cast("B")
-            pos = 0
-            while pos < length:
-                n = fh.readinto(view[pos : min(length, pos + CHUNK_BYTES)])
-                if not n:
-                    raise IntegrityError(f"{path}: ended after {start + pos} bytes, expected {start + length}")
-                if hasher is not None:
-                    hasher.update(view[pos : pos + n])
-                pos += n
-        else:
-            bufs = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            events = [torch.cuda.Event(), torch.cuda.Event()]
-            stream = torch.cuda.Stream(device=device)
-            pos, k = 0, 0
-            while pos < length:
-                buf, ev = bufs[k % 2], events[k % 2]
-                ev.synchronize()  # the copy that last used this buffer is done
-                want = min(CHUNK_BYTES, length - pos)
-                n = fh.readinto(buf.numpy().data.cast("B")[:want])
-                if n != want:
-                    raise IntegrityError(f"{path}: ended after {start + pos + n} bytes, expected {start + length}")
-                if hasher is not None:
-                    hasher.update(buf.numpy().data.cast("B")[:n])
-                with torch.cuda.stream(stream):
-                    out[pos : pos + n].copy_(buf[:n], non_blocking=True)
-                    ev.record(stream)
-                pos += n
-                k += 1
-            stream.synchronize()
-        if hasher is not None:
-            hasher.update(fh.read())  # nothing follows the data section in a valid file; hash it anyway
+    fh.seek(0)
+    if hasher is not None:
+        hasher.update(fh.read(start))
+    else:
+        fh.seek(start)
+    if device.type == "cpu":
+        view = out.numpy().data.cast("B")
+        pos = 0
+        while pos < length:
+            n = fh.readinto(view[pos : min(length, pos + CHUNK_BYTES)])
+            if not n:
+                raise IntegrityError(f"{path}: ended after {start + pos} bytes, expected {start + length}")
+            if hasher is not None:
+                hasher.update(view[pos : pos + n])
+            pos += n
+    else:
+        bufs = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        events = [torch.cuda.Event(), torch.cuda.Event()]
+        stream = torch.cuda.Stream(device=device)
+        pos, k = 0, 0
+        while pos < length:
+            buf, ev = bufs[k % 2], events[k % 2]
+            ev.synchronize()  # the copy that last used this buffer is done
+            want = min(CHUNK_BYTES, length - pos)
+            n = fh.readinto(buf.numpy().data.cast("B")[:want])
+            if n != want:
+                raise IntegrityError(f"{path}: ended after {start + pos + n} bytes, expected {start + length}")
+            if hasher is not None:
+                hasher.update(buf.numpy().data.cast("B")[:n])
+            with torch.cuda.stream(stream):
+                out[pos : pos + n].copy_(buf[:n], non_blocking=True)
+                ev.record(stream)
+            pos += n
+            k += 1
+        stream.synchronize()
+    if hasher is not None:
+        hasher.update(fh.read())  # nothing follows the data section in a valid file; hash it anyway
     return out
 
 
@@ -79,7 +83,7 @@ def tensors_from_flat(f: SafetensorsFile, flat: torch.Tensor) -> dict[str, torch
         raw = flat[info.begin : info.end]
         dtype = TORCH_DTYPES[info.dtype]
         size = torch.empty((), dtype=dtype).element_size()
-        if info.begin % size:  # misaligned (not written by wfactor): copy into an aligned tensor
+        if raw.data_ptr() % size:  # misaligned (not written by wfactor): copy into an aligned tensor
             raw = raw.clone()
         out[name] = raw.view(dtype).reshape(info.shape)
     return out

@@ -21,6 +21,9 @@ from .tensors import TORCH_DTYPES, compute_torch_dtype
 
 PartLoader = Callable[[PartSpec], torch.Tensor]
 
+# codecs whose decoded term is always a new tensor (never a view of a cached part): safe to sum into in place
+FRESH_TERMS = frozenset({"quant", "sparse"})
+
 
 def base_view(base: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """cast(B) resized to ``shape``: the common leading block is B's, the rest is zero."""
@@ -75,11 +78,18 @@ def predict(record: Record, base: torch.Tensor | None, load: PartLoader, device:
         x = base_view(base.to(device), record.shape, cdtype)
     for term in record.terms:
         parts = {role: load(spec) for role, spec in term.parts.items()}
+        if term.codec == "lowrank" and x is not None and not owned:
+            # X + U V in one pass over X (the product's summation order is the implementation's: spec 5.3)
+            u, v = parts["u"].to(cdtype), parts["v"].to(cdtype)
+            x, owned = torch.addmm(x.reshape(u.shape[0], v.shape[1]), u, v).reshape(record.shape), True
+            continue
         t = decode_term(term.codec, parts, term.params, record.shape, cdtype)
         if x is None:
             x = t
         elif owned:
             x.add_(t)  # the same IEEE sums as x + t, without another tensor-sized buffer
+        elif term.codec in FRESH_TERMS:
+            x, owned = t.add_(x), True  # t + x == x + t exactly (IEEE addition commutes); t is ours to reuse
         else:
             x, owned = x + t, True
         del t, parts

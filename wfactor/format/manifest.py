@@ -24,6 +24,7 @@ from .constants import (
     SHARDED_FORMAT_VERSION,
 )
 from .safetensors_io import check_name, check_shape, loads_strict
+from .stamps import file_matches
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -89,9 +90,11 @@ class FileRef:
             raise IntegrityError(f"{full}: size {size} bytes, the manifest records {self.size}; the family is damaged")
         return full
 
-    def check_digest(self, root: Path) -> Path:
+    def check_digest(self, root: Path, use_stamps: bool = True) -> Path:
+        """Size and SHA-256 (spec 9). With ``use_stamps``, a file verified before and unchanged since is not
+        hashed again (``stamps``); ``verify`` passes False and hashes every byte."""
         full = self.check_size(root)
-        got = sha256_file(full)
+        got = file_matches(full, self.sha256, use_stamps)
         if got != self.sha256:
             raise IntegrityError(
                 f"{full}: sha256 {got[:16]}..., the manifest records {self.sha256[:16]}...; the family is damaged"

@@ -6,6 +6,7 @@ spec/FORMAT.md section 7 are enforced in one place, before anything is allocated
 
 from __future__ import annotations
 
+import io
 import json
 import mmap
 import os
@@ -185,6 +186,11 @@ class SafetensorsFile:
         self.size = size
 
     # -- reading ---------------------------------------------------------------------------------------
+    def reopen(self) -> io.BufferedReader:
+        """A new file object on the very file that was parsed (a duplicate descriptor: the same inode even if
+        the path was replaced since), for sequential reads of the whole file."""
+        return os.fdopen(os.dup(self._fh.fileno()), "rb")
+
     def _map(self) -> mmap.mmap:
         if self._mm is None:
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None  # type: ignore[assignment]

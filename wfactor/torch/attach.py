@@ -19,7 +19,8 @@ import torch.nn as nn
 from ..codecs import quant
 from ..errors import CodecError, InputError
 from ..family import Family
-from ..format.parts import read_part
+from ..format.delta import DeltaFile
+from ..format.parts import read_parts
 from ..format.records import Record
 from ..tensors import TORCH_DTYPES, from_storage
 from .layers import FactoredEmbedding, FactoredLinear
@@ -37,6 +38,7 @@ class LowRankFactors:
     v: torch.Tensor | None
     codes: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    bits: int | None = None
 
 
 FACTORED_TERMS = (("lowrank",), ("quant",), ("lowrank", "quant"))
@@ -59,38 +61,50 @@ def _simple_lowrank(rec: Record, backbone: dict[str, torch.Tensor]) -> bool:
 
 
 def lowrank_factors(
-    family: Family, name: str, device: str | torch.device = "cpu", only: set[str] | None = None
+    family: Family,
+    name: str,
+    device: str | torch.device = "cpu",
+    only: set[str] | None = None,
+    delta: DeltaFile | None = None,
 ) -> dict[str, LowRankFactors]:
     """The member's tensors that are ``backbone + U @ V`` exactly (see the module docstring), as factors.
 
     ``base_weight`` is the family's cached backbone tensor on ``device`` itself (``family.backbone(device)``);
     U and V are read from the delta and cast to that tensor's dtype. ``only`` restricts to those names.
+    ``delta``: the member's delta already opened with ``family.open_delta`` (else it is opened here).
     """
+    if delta is None:
+        with family.open_delta(name) as d:
+            return lowrank_factors(family, name, device, only, d)
     backbone = family.backbone(device)
+    chosen = [
+        rec
+        for tname, rec in delta.records.items()
+        if (only is None or tname in only) and _simple_lowrank(rec, backbone)
+    ]
+    where = {spec.key: f"{delta.file.path}: tensor {rec.name!r}" for rec in chosen for spec in rec.part_specs()}
+    arrays = read_parts(delta.file, [spec for rec in chosen for spec in rec.part_specs()], where)
     out: dict[str, LowRankFactors] = {}
-    with family.open_delta(name) as d:
-        for tname, rec in d.records.items():
-            if only is not None and tname not in only:
-                continue
-            if not _simple_lowrank(rec, backbone):
-                continue
-            assert rec.base is not None
-            base = backbone[rec.base]
-            where = f"{d.file.path}: tensor {tname!r}"
-            f = LowRankFactors(rec.base, base, None, None)
-            for term in rec.terms:
-                parts = {
-                    role: from_storage(read_part(d.file, spec, where), spec.dtype).to(base.device)
-                    for role, spec in term.parts.items()
-                }
-                if term.codec == "lowrank":
-                    f.u, f.v = parts["u"].to(base.dtype), parts["v"].to(base.dtype)
-                else:  # quant, kept as stored: int8 codes, one float32 scale per row
-                    codes, q = parts["codes"].reshape(rec.shape), quant.qmax(int(term.params["bits"]))
-                    if codes.numel() and max(-int(codes.min()), int(codes.max())) > q:
-                        raise CodecError(f"{where}: quant codes exceed +-{q}, the range of {term.params['bits']} bits")
-                    f.codes, f.scales = codes, parts["scales"].reshape(rec.shape[0])
-            out[tname] = f
+    for rec in chosen:
+        assert rec.base is not None
+        base = backbone[rec.base]
+        f = LowRankFactors(rec.base, base, None, None)
+        for term in rec.terms:
+            parts = {
+                role: from_storage(arrays.pop(spec.key), spec.dtype).to(base.device)
+                for role, spec in term.parts.items()
+            }
+            if term.codec == "lowrank":
+                f.u, f.v = parts["u"].to(base.dtype), parts["v"].to(base.dtype)
+            else:  # quant: int8 codes (checked against their bits), one float32 scale per row
+                bits = int(term.params["bits"])
+                codes, q = parts["codes"].reshape(rec.shape), quant.qmax(bits)
+                if codes.numel() and max(-int(codes.min()), int(codes.max())) > q:
+                    raise CodecError(
+                        f"{where[term.parts['codes'].key]}: quant codes exceed +-{q}, the range of {bits} bits"
+                    )
+                f.codes, f.scales, f.bits = codes, parts["scales"].reshape(rec.shape[0]), bits
+        out[rec.name] = f
     return out
 
 
@@ -119,6 +133,7 @@ def attach(
     name: str,
     device: str | torch.device | None = None,
     component: str | None = None,
+    packed: bool = True,
 ) -> nn.Module:
     """Give ``module`` (built from the member's config) the weights of family member ``name``.
 
@@ -131,6 +146,9 @@ def attach(
     ``component`` (a pipeline member, e.g. ``"unet"``): ``module`` is that component's model and is matched
     with the component's tensors, namespace stripped. Components identical to the backbone in two members
     are the same backbone tensors in both modules.
+
+    ``packed``: k-bit codes (b < 8) stay packed in b bit planes (b/8 byte per weight) and are unpacked per
+    forward; False keeps them as int8 (one byte per weight, no unpacking).
 
     Raises ``InputError`` naming the first module parameter the member lacks, the first member tensor the
     module lacks, or the first tensor whose shapes differ.
@@ -176,14 +194,14 @@ def attach(
         wname = _join(prefix, "weight")
         if _factorable(mod) and wname in metas and len(aliases[id(mod.weight)]) == 1:
             candidates[wname] = prefix
-    found = lowrank_factors(family, name, dev, only={ns + c for c in candidates}) if candidates else {}
-    factors = {k[len(ns) :]: v for k, v in found.items()}
-
-    # -- load everything else (backbone-identical tensors come back as the backbone's own) -------------
     family.backbone(dev)  # fill the cache first, so identical tensors are the cached ones
     loaded: dict[str, torch.Tensor] = {}
-    for tname, t in family.iter_tensors(name, dev, component=component, skip=factors.keys()):
-        loaded[tname] = t
+    with family.open_delta(name) as delta:  # one digest check for both passes
+        found = lowrank_factors(family, name, dev, {ns + c for c in candidates}, delta) if candidates else {}
+        factors = {k[len(ns) :]: v for k, v in found.items()}
+        # -- load everything else (backbone-identical tensors come back as the backbone's own) ---------
+        for tname, t in family.iter_open(delta, name, dev, component=component, skip=factors.keys()):
+            loaded[tname] = t
 
     new_params: dict[int, nn.Parameter] = {}
     for pname, (owner, local, p) in params.items():
@@ -210,11 +228,20 @@ def attach(
         f = factors[wname]
         if id(mod) not in replaced:
             if isinstance(mod, nn.Linear):
-                new: nn.Module = FactoredLinear(f.base_weight, f.u, f.v, mod.bias, f.codes, f.scales)
+                new: nn.Module = FactoredLinear(
+                    f.base_weight, f.u, f.v, mod.bias, f.codes, f.scales, f.bits if packed else None
+                )
             else:
                 assert isinstance(mod, nn.Embedding)
                 new = FactoredEmbedding(
-                    f.base_weight, f.u, f.v, mod.padding_idx, f.codes, f.scales, TORCH_DTYPES[metas[wname].dtype]
+                    f.base_weight,
+                    f.u,
+                    f.v,
+                    mod.padding_idx,
+                    f.codes,
+                    f.scales,
+                    TORCH_DTYPES[metas[wname].dtype],
+                    f.bits if packed else None,
                 )
             replaced[id(mod)] = new
         if not prefix:

@@ -1,18 +1,78 @@
 """Layers that keep a member's weight factored: W = W_base + U @ V + diag(s) Q.
 
 W_base is the family's cached backbone tensor itself (shared by every member that uses it). The member's
-own delta is a low-rank pair U [out, r], V [r, in], and/or k-bit codes Q [out, in] (int8) with one scale per
-row s [out] (the ``quant`` codec, kept as stored). No float tensor of size [out, in] is kept per member: a
-Linear's forward converts Q to the backbone's dtype transiently (one matrix at a time), an Embedding
-gathers only the rows it looks up. The arithmetic runs in the backbone tensor's dtype and the result is cast
-to the member's (the input's, for a Linear): a bf16 member of an fp32 backbone computes in fp32.
+own delta is a low-rank pair U [out, r], V [r, in], and/or k-bit codes Q [out, in] with one scale per row
+s [out] (the ``quant`` codec). Codes of b < 8 bits are kept **packed in b bit planes** (b/8 byte per weight,
+about what their zstd-coded part costs on disk), int8 otherwise. No float tensor of size [out, in] is kept
+per member: a Linear's forward unpacks Q and converts it to the backbone's dtype transiently (one matrix at
+a time), an Embedding unpacks only the rows it looks up. The arithmetic runs in the backbone tensor's dtype
+and the result is cast to the member's (the input's, for a Linear): a bf16 member of an fp32 backbone
+computes in fp32.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """k-bit codes (int8 in [-(2^(b-1) - 1), 2^(b-1) - 1], shape [..., n]) as b bit planes, uint8
+    [b, ..., ceil(n / 8)]: plane k holds bit k of (code + 2^(b-1) - 1), eight codes per byte, lowest bit
+    first. Rows stay rows, so a gather of rows works on the packed form. On CPU numpy's packbits does the
+    work; elsewhere torch ops on the device (same bytes)."""
+    q = (1 << (bits - 1)) - 1
+    if codes.numel() and (int(codes.min()) < -q or int(codes.max()) > q):
+        raise ValueError(f"codes exceed +-{q}, the range of {bits} bits")
+    if codes.device.type == "cpu":
+        u = (codes.numpy().astype(np.int16) + q).astype(np.uint8)
+        planes = [np.packbits((u >> k) & 1, axis=-1, bitorder="little") for k in range(bits)]
+        return torch.from_numpy(np.stack(planes)) if planes else torch.zeros(0, dtype=torch.uint8)
+    return _pack_torch(codes, bits, q)
+
+
+def _pack_torch(codes: torch.Tensor, bits: int, q: int) -> torch.Tensor:
+    n = codes.shape[-1]
+    t = (codes.to(torch.int16) + q).to(torch.uint8)
+    if n % 8:
+        t = F.pad(t, (0, (-n) % 8))
+    t = t.reshape(*t.shape[:-1], t.shape[-1] // 8, 8)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=codes.device)
+    return torch.stack([(((t >> k) & 1) * weights).sum(-1, dtype=torch.uint8) for k in range(bits)])
+
+
+# byte -> its 8 bits as 8 bytes (lowest bit first), as one little-endian uint64: a byte of a plane unpacks
+# with one table lookup, and b planes combine with b shifted ORs of 64-bit words
+_BITS64 = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").view("<u8").ravel()
+
+
+def unpack_codes(planes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The int8 codes [..., n] that :func:`pack_codes` packed into ``planes`` [b, ..., ceil(n / 8)]."""
+    q = (1 << (bits - 1)) - 1
+    if planes.device.type == "cpu":
+        p = planes.numpy()
+        if p.size == 0:
+            return torch.zeros((*p.shape[1:-1], n), dtype=torch.int8)
+        acc = np.zeros(p.shape[1:], dtype="<u8")
+        for k in range(bits):
+            acc |= _BITS64[p[k]] << np.uint64(k)
+        codes = acc.view(np.int8).reshape(*p.shape[1:-1], -1)[..., :n]  # code + q: 0 .. 2q <= 126, an int8
+        np.subtract(codes, np.int8(q), out=codes)
+        return torch.from_numpy(codes)
+    return _unpack_torch(planes, bits, n, q)
+
+
+def _unpack_torch(planes: torch.Tensor, bits: int, n: int, q: int) -> torch.Tensor:
+    if planes.numel() == 0:
+        return torch.zeros((*planes.shape[1:-1], n), dtype=torch.int8, device=planes.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    u = torch.zeros((*planes.shape[1:], 8), dtype=torch.uint8, device=planes.device)
+    for k in range(bits):
+        u |= ((planes[k].unsqueeze(-1) >> shifts) & 1) << k
+    u = u.reshape(*u.shape[:-2], -1)[..., :n]
+    return (u.to(torch.int16) - q).to(torch.int8)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -35,31 +95,60 @@ class _Factored(nn.Module):
         v: torch.Tensor | None,
         codes: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
+        bits: int | None = None,
     ) -> None:
         super().__init__()
         rows, cols = base_weight.shape
         if (u is None) != (v is None) or (codes is None) != (scales is None) or (u is None and codes is None):
             raise ValueError(f"{kind}: give U and V, or codes and scales, or both")
-        if u is not None and v is not None and (
-            u.dim() != 2 or v.dim() != 2 or u.shape[0] != rows or v.shape[1] != cols or u.shape[1] != v.shape[0]
+        if (
+            u is not None
+            and v is not None
+            and (u.dim() != 2 or v.dim() != 2 or u.shape[0] != rows or v.shape[1] != cols or u.shape[1] != v.shape[0])
         ):
             raise ValueError(
                 f"{kind}: U {list(u.shape)} and V {list(v.shape)} do not factor a {list(base_weight.shape)} delta"
             )
-        if codes is not None and scales is not None and (
-            tuple(codes.shape) != (rows, cols) or codes.dtype != torch.int8 or tuple(scales.shape) != (rows,)
+        if (
+            codes is not None
+            and scales is not None
+            and (tuple(codes.shape) != (rows, cols) or codes.dtype != torch.int8 or tuple(scales.shape) != (rows,))
         ):
             raise ValueError(
                 f"{kind}: codes {list(codes.shape)} x {codes.dtype} and scales {list(scales.shape)} do not "
                 f"quantise a {list(base_weight.shape)} delta (int8 codes of its shape, one scale per row)"
             )
+        if bits is not None and not 2 <= bits <= 8:
+            raise ValueError(f"{kind}: bits must be 2..8, found {bits}")
         self.base_weight = _param(base_weight)
         self.u: nn.Parameter | None = _param(u) if u is not None else None
         self.v: nn.Parameter | None = _param(v) if v is not None else None
-        self.codes: torch.Tensor | None
+        self.bits = bits if codes is not None and bits is not None and bits < 8 else None
+        self.code_planes: torch.Tensor | None
+        self.codes_int8: torch.Tensor | None
         self.scales: torch.Tensor | None
-        self.register_buffer("codes", codes, persistent=False)
+        packed = pack_codes(codes, self.bits) if codes is not None and self.bits is not None else None
+        self.register_buffer("code_planes", packed, persistent=False)
+        self.register_buffer("codes_int8", codes if packed is None else None, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """The int8 codes Q [out, in] (unpacked on each access when kept packed), or None."""
+        if self.code_planes is not None and self.bits is not None:
+            return unpack_codes(self.code_planes, self.bits, int(self.base_weight.shape[1]))
+        return self.codes_int8
+
+    def _code_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of Q (any shape of ids; the result has a last dimension of ``in``)."""
+        if self.code_planes is not None and self.bits is not None:
+            return unpack_codes(self.code_planes[:, ids], self.bits, int(self.base_weight.shape[1]))
+        assert self.codes_int8 is not None
+        return F.embedding(ids, self.codes_int8)
+
+    @property
+    def quantised(self) -> bool:
+        return self.scales is not None
 
     @property
     def rank(self) -> int:
@@ -70,8 +159,9 @@ class _Factored(nn.Module):
         w: torch.Tensor = self.base_weight
         if self.u is not None and self.v is not None:
             w = w + self.u @ self.v
-        if self.codes is not None and self.scales is not None:
-            w = w + (self.codes.to(w.dtype) * self.scales.to(w.dtype)[:, None])
+        codes = self.codes
+        if codes is not None and self.scales is not None:
+            w = w + (codes.to(w.dtype) * self.scales.to(w.dtype)[:, None])
         return w
 
     @property
@@ -92,8 +182,9 @@ class FactoredLinear(_Factored):
         bias: torch.Tensor | None = None,
         codes: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
+        bits: int | None = None,
     ) -> None:
-        super().__init__("FactoredLinear", base_weight, u, v, codes, scales)
+        super().__init__("FactoredLinear", base_weight, u, v, codes, scales, bits)
         self.out_features, self.in_features = base_weight.shape
         if bias is None:
             self.register_parameter("bias", None)
@@ -106,14 +197,15 @@ class FactoredLinear(_Factored):
         y = F.linear(xc, self.base_weight, self.bias.to(cd) if self.bias is not None else None)
         if self.u is not None and self.v is not None:
             y = y + F.linear(F.linear(xc, self.v), self.u)
-        if self.codes is not None and self.scales is not None:
-            y = y + F.linear(xc, self.codes.to(cd)) * self.scales.to(cd)
+        codes = self.codes
+        if codes is not None and self.scales is not None:
+            y = y + F.linear(xc, codes.to(cd)) * self.scales.to(cd)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"quant={self.codes is not None}, bias={self.bias is not None}"
+            f"quant={self.quantised}, bits={self.bits}, bias={self.bias is not None}"
         )
 
 
@@ -130,8 +222,9 @@ class FactoredEmbedding(_Factored):
         codes: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        bits: int | None = None,
     ) -> None:
-        super().__init__("FactoredEmbedding", base_weight, u, v, codes, scales)
+        super().__init__("FactoredEmbedding", base_weight, u, v, codes, scales, bits)
         self.dtype = dtype or base_weight.dtype  # the member's dtype: looked-up rows are returned in it
         self.num_embeddings, self.embedding_dim = base_weight.shape
         self.padding_idx = padding_idx
@@ -140,13 +233,13 @@ class FactoredEmbedding(_Factored):
         y = F.embedding(ids, self.base_weight, self.padding_idx)
         if self.u is not None and self.v is not None:
             y = y + F.embedding(ids, self.u, self.padding_idx) @ self.v
-        if self.codes is not None and self.scales is not None:
-            rows = F.embedding(ids, self.codes).to(y.dtype) * self.scales.to(y.dtype)[ids].unsqueeze(-1)
+        if self.scales is not None:
+            rows = self._code_rows(ids).to(y.dtype) * self.scales.to(y.dtype)[ids].unsqueeze(-1)
             y = y + rows
         return y.to(self.dtype)
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, quant={self.codes is not None}, "
+            f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, quant={self.quantised}, bits={self.bits}, "
             f"padding_idx={self.padding_idx}"
         )
