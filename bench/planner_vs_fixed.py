@@ -67,7 +67,9 @@ E_SWEEP = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 # with the target set to that per-tensor budget's on-disk family bytes, so the two modes meet at equal size.
 TARGET_ENV = "WFACTOR_BENCH_TARGET_AT_E"
 TARGET_AT_E = [
-    float(x) for x in os.environ.get(TARGET_ENV, "0.02,0.05,0.1,0.2,0.3,0.5,0.7,1.0").split(",") if x.strip()
+    float(x)
+    for x in os.environ.get(TARGET_ENV, "0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.3,0.5,0.7,1.0").split(",")
+    if x.strip()
 ]
 QUALITY = 0.999  # acceptance 1 threshold
 SMALLER = 0.30  # acceptance 2: at least 30% smaller, i.e. planner bytes <= 0.7 x fixed bytes
@@ -374,6 +376,8 @@ class Setup:
     script: str = "bench/planner_vs_fixed.py"
     e_sweep: list[float] = field(default_factory=lambda: list(E_SWEEP))
     target_at_e: list[float] = field(default_factory=lambda: list(TARGET_AT_E))
+    # byte targets also at this many geometric steps between consecutive matched sizes (a denser curve)
+    target_between: int = int(os.environ.get("WFACTOR_BENCH_TARGETS_BETWEEN", "2"))
     fixed: Callable[[], list[tuple[str, str, Encoder]]] = fixed_settings
 
 
@@ -433,10 +437,24 @@ def main(setup: Setup | None = None) -> int:
                 + (", ".join(p.setting for p in matched) or "(none)")
                 + f" (the environment variable {TARGET_ENV} lists the E values to match)."
             )
-            for ref in matched:
-                assert ref.disk is not None
-                val: float | int = ref.disk if tfield == "target_bytes" else ref.disk / raw
-                label = f"target={ref.disk:,}"
+            sizes = sorted({ref.disk for ref in matched if ref.disk is not None})
+            wanted: list[tuple[int, str]] = []
+            for i, size in enumerate(sizes):
+                ref = next(r for r in matched if r.disk == size)
+                wanted.append((size, ref.setting))
+                if i + 1 < len(sizes) and setup.target_between > 0:
+                    for k in range(1, setup.target_between + 1):
+                        frac = k / (setup.target_between + 1)
+                        between = round(size ** (1 - frac) * sizes[i + 1] ** frac)
+                        wanted.append((between, f"between {ref.setting} and the next"))
+            if setup.target_between > 0:
+                target_note += (
+                    f" Also {setup.target_between} target(s) at geometric steps between consecutive sizes "
+                    "(WFACTOR_BENCH_TARGETS_BETWEEN), for a denser curve."
+                )
+            for disk, setting in wanted:
+                val: float | int = disk if tfield == "target_bytes" else disk / raw
+                label = f"target={disk:,}"
                 t0 = time.perf_counter()
                 try:
                     p = run_planner(ev, tmp, label, wfactor.Budget(**{tfield: val}))
@@ -444,7 +462,7 @@ def main(setup: Setup | None = None) -> int:
                     target_note += f" {label}: refused ({exc})."
                     print(f"  planner {label}: {exc}", flush=True)
                     continue
-                p.extra.update(target_disk=ref.disk, matches=ref.setting, seconds=round(time.perf_counter() - t0, 1))
+                p.extra.update(target_disk=disk, matches=setting, seconds=round(time.perf_counter() - t0, 1))
                 target_points.append(p)
                 print(
                     f"  planner {p.setting} family {p.family_bytes:,}  disk {p.disk:,}  worst {p.worst:.6f}  ({p.extra['factor_s']} s)",
@@ -674,16 +692,16 @@ def render(run: Run, data: dict[str, Any]) -> str:
     if run.target_points:
         rows = []
         for p in run.target_points:
-            ref = next(q for q in planner if q.setting == p.extra["matches"])
+            ref = next((q for q in planner if q.setting == p.extra["matches"]), None)
             rows.append(
                 [
                     f"{p.extra['target_disk']:,}",
                     f"{p.disk:,}",
                     f"{p.family_bytes:,}",
                     fmt_cos(p.worst),
-                    ref.setting,
-                    f"{ref.family_bytes:,}",
-                    fmt_cos(ref.worst),
+                    ref.setting if ref is not None else p.extra["matches"],
+                    f"{ref.family_bytes:,}" if ref is not None else "",
+                    fmt_cos(ref.worst) if ref is not None else "",
                     f"{p.extra['seconds']:.0f} s",
                 ]
             )

@@ -28,6 +28,8 @@ for p in (str(ROOT / "tests"), str(ROOT / "fixtures")):
 import make_invalid  # noqa: E402
 import reference_reader as rr  # noqa: E402
 
+import wfactor  # noqa: E402
+
 CASES: list[dict[str, Any]] = json.loads((INVALID / "CASES.json").read_text(encoding="utf-8"))
 BY_NAME = {c["name"]: c for c in CASES}
 IDS = [c["name"] for c in CASES]
@@ -326,3 +328,25 @@ def test_valid_frames_decode_into_one_buffer_of_the_declared_size(monkeypatch: p
         tracemalloc.stop()
     assert len(out) == size and calls == [(size, size)]
     assert peak <= size + (256 << 10), peak
+
+
+def test_a_consistent_family_declaring_more_than_memory_is_one_line(tmp_path: Path) -> None:
+    """A family within every limit of section 7 may still declare a tensor larger than the machine's memory
+    (here a grown I64 tensor of 2^39 elements, 4 TiB): rebuilding it is a one-line `memory` error naming the
+    file, the tensor and its size, on every path, never a traceback."""
+    from wfactor.errors import MemoryLimitError
+
+    f = make_invalid.valid()
+    for r in f.records:
+        if r["name"] == "ids_grown":
+            r["shape"] = [1 << 39]
+    fam = tmp_path / "fam"
+    f.write(fam)
+    with wfactor.open_family(fam) as family:
+        with pytest.raises(MemoryLimitError, match=r"tensor 'ids_grown'.*\[549755813888\] x I64.*bytes"):
+            family.state_dict("m")
+        with pytest.raises(MemoryLimitError, match="ids_grown"):
+            list(family.iter_tensors("m"))
+    code, out, err = invoke("materialize", str(fam), "m", "-o", str(tmp_path / "out"))
+    assert code == 2 and one_line_error(err, "memory"), err
+    assert not (tmp_path / "out" / "model.safetensors").exists()

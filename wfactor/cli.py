@@ -19,7 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from . import __version__
-from .errors import InputError, WfactorError
+from .errors import InputError, WfactorError, is_allocation_failure
 from .factor import FactorReport
 from .factor import factor as factor_family
 from .family import Family, describe_delta
@@ -56,6 +56,11 @@ def run(fn: Callable[[], int | None]) -> None:
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         fail("io", f"{where}{exc.strerror or exc}", 2)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        first = (str(exc).strip().splitlines() or ["MemoryError"])[0]
+        fail("memory", f"not enough memory ({first}); free memory or use a machine with more", 2)
     except KeyboardInterrupt:
         fail("interrupted", "stopped by the user; nothing was left half-written", 130)
     sys.exit(code)

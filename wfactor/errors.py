@@ -76,6 +76,22 @@ class BackboneMismatchError(IntegrityError):
     code = "backbone_mismatch"
 
 
+class MemoryLimitError(WfactorError):
+    """Not enough memory to hold a tensor (the file's declarations are within the spec's limits)."""
+
+    code = "memory"
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, or torch's out-of-memory errors (CPU and CUDA)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text or "Out of memory" in text
+    )
+
+
 class VerifyError(WfactorError):
     """A rebuilt member differs from its original by more than the recorded budget."""
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FormatError, IntegrityError, NotFoundError, WfactorError
+from .errors import FormatError, IntegrityError, MemoryLimitError, NotFoundError, WfactorError, is_allocation_failure
 from .format import stamps
 from .format.atomic import staged_files
-from .format.constants import META_KIND, META_VERSION
+from .format.constants import DTYPES, META_KIND, META_VERSION
 from .format.delta import DeltaFile, check_version
 from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, shard_list_bytes
 from .format.parts import PartSpec, read_part, read_parts
@@ -32,6 +32,16 @@ from .format.stamps import file_matches
 from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat
 from .reconstruct import reconstruct
 from .tensors import bitwise_equal, from_storage, storage_view
+
+
+def out_of_memory(where: str, rec: Record, device: str | torch.device) -> MemoryLimitError:
+    n = DTYPES[rec.dtype][1] if rec.dtype in DTYPES else 1
+    for d in rec.shape:
+        n *= d
+    return MemoryLimitError(
+        f"{where}: is {list(rec.shape)} x {rec.dtype}, {n:,} bytes, more than {device} can allocate now; "
+        "free memory or use a machine with more, or check that the family is the one you meant"
+    )
 
 
 class Family:
@@ -237,6 +247,10 @@ class Family:
             if str(delta.file.path) in exc.message:
                 raise
             raise type(exc)(f"{where}: {exc.message}") from None
+        except (MemoryError, RuntimeError) as exc:
+            if not is_allocation_failure(exc):
+                raise
+            raise out_of_memory(where, rec, device) from None
 
     def state_dict(
         self,
@@ -268,6 +282,11 @@ class Family:
             except WfactorError as exc:  # a decode-time check (sparse indices, quant codes, BOOL bytes)
                 where = f"{self.root / self.member(name).delta.path}: tensor {meta.name!r}"
                 raise type(exc)(f"{where}: {exc.message}") from None
+            except (MemoryError, RuntimeError) as exc:
+                if not is_allocation_failure(exc):
+                    raise
+                where = f"{self.root / self.member(name).delta.path}: tensor {meta.name!r}"
+                raise out_of_memory(where, src, dev) from None
             if copy and base is not None and t.data_ptr() == base.data_ptr():
                 t = t.clone()
             if dtype is not None and t.is_floating_point():

@@ -8,7 +8,9 @@ members.
 
     import wfactor, wfactor.torch as wt
     fam = wfactor.open_family("family")
-    model = wt.attach(MyModel(config), fam, "chat", device="cuda")
+    with wt.empty_weights():  # parameters on the meta device: no weight memory, no random init
+        model = MyModel(config)
+    model = wt.attach(model, fam, "chat", device="cuda")
     multi = wt.MultiModel(fam, ["chat", "code"], lambda name: MyModel(config), device="cuda")
     logits = multi(ids, ["chat", "code", "chat"])
 """
@@ -16,7 +18,8 @@ members.
 from __future__ import annotations
 
 from .attach import attach, lowrank_factors
+from .empty import empty_weights
 from .layers import FactoredEmbedding, FactoredLinear
 from .multi import MultiModel
 
-__all__ = ["FactoredEmbedding", "FactoredLinear", "MultiModel", "attach", "lowrank_factors"]
+__all__ = ["FactoredEmbedding", "FactoredLinear", "MultiModel", "attach", "empty_weights", "lowrank_factors"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,8 @@ class MultiModel(nn.Module):
     ``forward(inputs, members)`` takes a batch (dim 0 = rows) and, per row, the member that runs it: a
     sequence of member names or a LongTensor of indices into ``names``. Rows are grouped per member
     (stable order), each member's module runs once on its rows, and the outputs are put back into the
-    original row order. Each member's module must return one tensor whose dim 0 is its rows.
+    original row order. Each member's module must return one tensor whose dim 0 is its rows, or a mapping
+    (a transformers ``ModelOutput``) holding one under ``output_key`` (default ``"logits"``).
     """
 
     def __init__(
@@ -27,8 +28,10 @@ class MultiModel(nn.Module):
         names: Sequence[str],
         build: Callable[[str], nn.Module],
         device: str | torch.device = "cpu",
+        output_key: str = "logits",
     ) -> None:
         super().__init__()
+        self.output_key = output_key
         names = list(names)
         if not names:
             raise InputError("MultiModel: no members given")
@@ -73,9 +76,12 @@ class MultiModel(nn.Module):
         for k in torch.unique(idx).tolist():  # sorted member order; rows keep their order within a member
             sel = torch.nonzero(idx == k, as_tuple=False).reshape(-1)
             out = self.models[k](inputs[sel.to(inputs.device)])
+            if isinstance(out, Mapping):  # a transformers ModelOutput, or a dict
+                out = out.get(self.output_key)
             if not isinstance(out, torch.Tensor) or out.shape[:1] != (sel.numel(),):
                 raise InputError(
-                    f"MultiModel: member {self.names[k]!r} must return one tensor with one row per input row"
+                    f"MultiModel: member {self.names[k]!r} must return one tensor with one row per input row "
+                    f"(or a mapping holding one under {self.output_key!r})"
                 )
             groups.append((sel, out))
         if not groups:
