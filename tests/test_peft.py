@@ -165,6 +165,22 @@ def test_factor_accepts_adapter_member(tmp_path: Path) -> None:
         assert sum(not torch.equal(sd[k], f.backbone()[k]) for k in sd) == 8  # k_proj, down_proj x 4 layers
 
 
+def test_analyze_accepts_adapter_member(tmp_path: Path) -> None:
+    """`analyze` takes a PEFT adapter directory as a member (base + adapter): the adapted tensors drift with
+    rank99 at most the adapter's r, every other tensor is identical, and the member is related."""
+    make_adapter(tmp_path / "ad", seed=3, **ADAPTERS["plain"])
+    code, out, stderr = invoke("analyze", f"chat={tmp_path / 'ad'}", "--base", str(FAMILY / "base"), "--json", "-")
+    assert code == 0, stderr
+    model = json.loads(out)["models"][0]
+    assert model["name"] == "chat" and model["related"] is True
+    targets = ("q_proj", "v_proj", "up_proj", "down_proj")
+    adapted = [t for t in model["tensors"] if t["name"].endswith(".weight") and any(m in t["name"] for m in targets)]
+    assert len(adapted) == 16
+    assert all(not t["identical"] and 1 <= t["rank99"] <= 4 for t in adapted)
+    others = [t for t in model["tensors"] if t not in adapted]
+    assert others and all(t["identical"] for t in others)
+
+
 def test_adapter_refusals(tmp_path: Path) -> None:
     ad = tmp_path / "ad"
     make_adapter(ad, seed=1, **ADAPTERS["plain"])

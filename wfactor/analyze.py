@@ -667,7 +667,7 @@ def analyze(
         opened.append(base_src)
         seen: set[str] = set()
         for a in args:
-            src = open_source(a)
+            src = open_source(a, base=base_arg)  # a PEFT adapter directory is base + adapter
             opened.append(src)
             if src.name in seen:
                 raise InputError(f"{a}: member name {src.name!r} is used twice; name members with NAME=PATH")
