@@ -13,7 +13,7 @@ from conftest import FAMILY, invoke, one_line_error
 
 import wfactor
 from wfactor.errors import InputError, NotFoundError
-from wfactor.hub import HubId, parse_hub_id, select_files
+from wfactor.hub import HubId, index_shards, parse_hub_id, select_files
 from wfactor.sources import open_source
 
 COMMIT_MAIN = "a" * 40
@@ -106,6 +106,20 @@ def test_select_files() -> None:
         "scheduler/scheduler_config.json",
         "unet/config.json",
     ]
+    # with the index read: only the shards it names, not another copy of the weights beside them
+    mistral = sharded + ["consolidated.safetensors", "params.json", "config.json"]
+    assert select_files(hub, mistral, index_shards=sharded[1:]) == sorted(sharded) + ["config.json", "params.json"]
+    with pytest.raises(InputError, match="names model-00003-of-00003.safetensors, which the repository does not"):
+        select_files(hub, mistral, index_shards=["model-00003-of-00003.safetensors"])
+    assert index_shards(
+        hub, b'{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-1.safetensors"}}'
+    ) == [
+        "m-1.safetensors",
+        "m-2.safetensors",
+    ]
+    for bad in (b"[]", b"{}", b"not json", b'{"weight_map": {"a": "../x.safetensors"}}'):
+        with pytest.raises(InputError, match="index"):
+            index_shards(hub, bad)
     with pytest.raises(InputError, match=r"only pytorch_model\.bin; convert it"):
         select_files(hub, ["pytorch_model.bin", "config.json"])
     with pytest.raises(InputError, match="sub-folders"):
@@ -212,3 +226,54 @@ def test_online_fetches_only_the_needed_files(hub_cache: Path, monkeypatch: pyte
     assert kind == "snapshot_download" and kw["revision"] == COMMIT_V1  # the listed commit, not the moving ref
     assert kw["allow_patterns"] == ["model.safetensors", "config.json", "tokenizer_config.json"]
     assert Path(str(kw["cache_dir"])) == hub_cache
+
+
+def test_online_sharded_repo_fetches_the_index_first(
+    hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sharded repository that also holds another copy of its weights (consolidated.safetensors, as some
+    do): the index is fetched first and only the shards it names come with it."""
+    import types
+
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    listing = ["model.safetensors.index.json", *shards, "consolidated.safetensors", "config.json"]
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"a": shards[0], "b": shards[1]}}))
+    calls: list[tuple[str, dict]] = []
+
+    class FakeApi:
+        def model_info(self, repo: str, revision: str | None = None, files_metadata: bool = False) -> object:
+            return types.SimpleNamespace(sha=COMMIT_V1, siblings=[types.SimpleNamespace(rfilename=f) for f in listing])
+
+    def fake_hf_hub_download(repo: str, filename: str, **kw: object) -> str:
+        calls.append(("hf_hub_download", dict(kw, repo=repo, filename=filename)))
+        return str(index)
+
+    def fake_snapshot_download(repo: str, **kw: object) -> str:
+        calls.append(("snapshot_download", dict(kw, repo=repo)))
+        return str(hub_cache / "models--acme--chat-lm" / "snapshots" / str(kw["revision"]))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with open_source("acme/chat-lm@v1"):
+        pass
+    assert calls[0] == (
+        "hf_hub_download",
+        {
+            "repo": "acme/chat-lm",
+            "filename": "model.safetensors.index.json",
+            "revision": COMMIT_V1,
+            "cache_dir": hub_cache,
+        },
+    )
+    assert calls[1][0] == "snapshot_download"
+    assert calls[1][1]["allow_patterns"] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+    ]

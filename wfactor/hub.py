@@ -12,6 +12,7 @@ ending in a weights suffix such as ``.safetensors``); anything else is a local p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -86,14 +87,23 @@ def cache_dir() -> Path:
     return (Path(os.path.expanduser(xdg)) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
-def select_files(hub: HubId, files: list[str]) -> list[str]:
+def select_files(hub: HubId, files: list[str], index_shards: list[str] | None = None) -> list[str]:
     """Which of a repository's files to fetch: the weights (one file, an index and its shards, or the
     top-level *.safetensors of a multi-component checkpoint; for a diffusers pipeline, with model_index.json,
     the weights of its component folders, without variants such as ``*.fp16.safetensors``) and the config and
-    tokenizer files beside them. Raises InputError when there are no usable safetensors weights."""
+    tokenizer files beside them. Raises InputError when there are no usable safetensors weights.
+
+    ``index_shards``: the files that ``model.safetensors.index.json`` names (when the caller has read it):
+    only those are fetched with it, not other top-level checkpoints such as a ``consolidated.safetensors``
+    copy of the same weights."""
     top = sorted(f for f in files if "/" not in f)
     if SINGLE_NAME in top:
         weights = [SINGLE_NAME]
+    elif INDEX_NAME in top and index_shards is not None:
+        missing = sorted(set(index_shards) - set(files))
+        if missing:
+            raise InputError(f"{hub}: {INDEX_NAME} names {missing[0]}, which the repository does not have")
+        weights = sorted({INDEX_NAME, *index_shards})
     elif PIPELINE_INDEX in top:
         weights = [
             f
@@ -118,6 +128,19 @@ def select_files(hub: HubId, files: list[str]) -> list[str]:
     return weights + aux
 
 
+def index_shards(hub: HubId, raw: bytes) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names (its weight_map's values), sorted."""
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{hub}: {INDEX_NAME} is not a valid index (no weight_map of tensor -> file)") from None
+    bad = next((f for f in shards if "/" in f or "\\" in f or f.startswith(".") or not f), None)
+    if bad is not None:
+        raise InputError(f"{hub}: {INDEX_NAME} names {bad!r}, not a file beside it")
+    return shards
+
+
 def _weight_stem(name: str) -> str:
     for suffix in _WEIGHT_SUFFIXES:
         if name.endswith(suffix):
@@ -132,7 +155,7 @@ def _local_listing(folder: Path) -> list[str]:
 def resolve(hub: HubId) -> tuple[Path, str]:
     """Fetch (or find in the cache) what wfactor needs of ``hub``; returns (snapshot folder, commit hash)."""
     try:
-        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub import HfApi, hf_hub_download, snapshot_download
         from huggingface_hub import errors as hf_errors
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise InputError(f"{hub}: reading Hub models needs huggingface_hub (pip install huggingface_hub)") from None
@@ -150,7 +173,10 @@ def resolve(hub: HubId) -> tuple[Path, str]:
             snap = storage / "snapshots" / commit
             if not snap.is_dir():
                 raise hf_errors.LocalEntryNotFoundError(str(snap))
-            wanted = select_files(hub, _local_listing(snap))  # a clear error for a repo without safetensors
+            listing = _local_listing(snap)
+            index = snap / INDEX_NAME
+            shards = index_shards(hub, index.read_bytes()) if index.is_file() else None
+            wanted = select_files(hub, listing, shards)  # a clear error for a repo without safetensors
             # through huggingface_hub as well: it checks the snapshot against its cached file listing
             folder = Path(
                 snapshot_download(  # type: ignore[arg-type]
@@ -160,7 +186,11 @@ def resolve(hub: HubId) -> tuple[Path, str]:
         else:
             info = HfApi().model_info(hub.repo, revision=hub.revision, files_metadata=False)
             listing = [s.rfilename for s in (info.siblings or [])]
-            wanted = select_files(hub, listing)
+            shards = None
+            if INDEX_NAME in listing and SINGLE_NAME not in listing:  # fetch the index first: it names the shards
+                index = hf_hub_download(hub.repo, INDEX_NAME, revision=info.sha, cache_dir=cache)
+                shards = index_shards(hub, Path(index).read_bytes())
+            wanted = select_files(hub, listing, shards)
             folder = Path(
                 snapshot_download(hub.repo, revision=info.sha, cache_dir=cache, allow_patterns=wanted)  # type: ignore[arg-type]
             )
