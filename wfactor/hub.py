@@ -188,8 +188,8 @@ def resolve(hub: HubId) -> tuple[Path, str]:
             listing = [s.rfilename for s in (info.siblings or [])]
             shards = None
             if INDEX_NAME in listing and SINGLE_NAME not in listing:  # fetch the index first: it names the shards
-                index = hf_hub_download(hub.repo, INDEX_NAME, revision=info.sha, cache_dir=cache)
-                shards = index_shards(hub, Path(index).read_bytes())
+                fetched = hf_hub_download(hub.repo, INDEX_NAME, revision=info.sha, cache_dir=cache)
+                shards = index_shards(hub, Path(fetched).read_bytes())
             wanted = select_files(hub, listing, shards)
             folder = Path(
                 snapshot_download(hub.repo, revision=info.sha, cache_dir=cache, allow_patterns=wanted)  # type: ignore[arg-type]
