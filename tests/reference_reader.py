@@ -47,7 +47,7 @@ import zstandard
 
 __all__ = ["RefError", "RefFamily", "open_family", "read_safetensors", "SafetensorsFile", "READER_VERSION"]
 
-READER_VERSION = 2
+READER_VERSION = 3
 
 MIB64 = 64 * 1024 * 1024
 MAX_TENSORS = 1_000_000
@@ -76,7 +76,7 @@ DTYPES: dict[str, tuple[int, np.dtype]] = {
 }
 FLOATS = {"F64", "F32", "F16", "BF16"}
 CODECS = {"dense", "lowrank", "sparse", "quant"}
-ENCODINGS = {"raw", "zstd", "zstd_planes"}
+ENCODINGS = {"raw", "zstd", "zstd_planes", "bitplanes"}
 
 
 class RefError(Exception):
@@ -512,7 +512,9 @@ class RefFamily:
         meta = st.metadata
         if meta.get("wfactor.kind") != "delta":
             raise RefError("format", f"{what}: wfactor.kind is not 'delta'")
-        _meta_version(meta.get("wfactor.format_version"), what)
+        version = _meta_version(meta.get("wfactor.format_version"), what)
+        if version > self.format_version:
+            raise RefError("format", f"{what}: a v{version} delta in a v{self.format_version} family")
         if not isinstance(meta.get("wfactor.backbone_sha256"), str) or not SHA_RE.fullmatch(
             meta["wfactor.backbone_sha256"]
         ):
@@ -550,6 +552,12 @@ class RefFamily:
                 ):
                     raise RefError("format", f"{what}: {r['name']!r}: bad same_as {tied!r}")
             by_name[r["name"]] = r
+        if version < 3 and any(
+            isinstance(part, dict) and part.get("encoding") == "bitplanes"
+            for r in records
+            for part in [r.get("residual")] + [p for t in r.get("terms") or [] for p in (t.get("parts") or {}).values()]
+        ):
+            raise RefError("format", f"{what}: a bitplanes part needs format version 3, the delta is v{version}")
         if keys != set(st.entries):
             stray = sorted(set(st.entries) - keys)[:5]
             raise RefError("format", f"{what}: tensors not named by any part: {stray}")
@@ -597,6 +605,12 @@ def _part(p: Any, st: SafetensorsFile, keys: set[str], what: str) -> dict[str, A
     if enc == "raw":
         if fdtype != dtype or fshape != shape:
             raise RefError("codec", f"{what}: raw part {key!r}: file tensor is {fdtype}{fshape}, not {dtype}{shape}")
+    elif enc == "bitplanes":  # section 4.3: I8 values as b planes of bits, U8 [b, m, ceil(n/8)]
+        m, n = _matrix_view(shape)
+        if dtype != "I8":
+            raise RefError("codec", f"{what}: bitplanes part {key!r} must have dtype I8, not {dtype}")
+        if fdtype != "U8" or len(fshape) != 3 or fshape[1:] != [m, (n + 7) // 8] or not 2 <= fshape[0] <= 8:
+            raise RefError("codec", f"{what}: bitplanes part {key!r}: file tensor is {fdtype}{fshape}")
     elif fdtype != "U8" or len(fshape) != 1:
         raise RefError("codec", f"{what}: {enc} part {key!r} must be a 1-D U8 tensor")
     return p
@@ -695,6 +709,8 @@ def _decode_part(p: dict[str, Any], st: SafetensorsFile) -> np.ndarray:
     dtype, shape, enc = p["dtype"], p["shape"], p["encoding"]
     if enc == "raw":
         return st.array(p["key"])
+    if enc == "bitplanes":
+        return _decode_bitplanes(p, st)
     size, np_dtype = DTYPES[dtype]
     count = _prod(shape)
     want = count * size
@@ -718,6 +734,23 @@ def _decode_part(p: dict[str, Any], st: SafetensorsFile) -> np.ndarray:
     if enc == "zstd_planes" and size > 1:
         content = np.frombuffer(content, np.uint8).reshape(size, count).T.tobytes()
     return np.frombuffer(content, dtype=np_dtype, count=count).reshape(shape)
+
+
+def _decode_bitplanes(p: dict[str, Any], st: SafetensorsFile) -> np.ndarray:
+    """Section 4.3 ``bitplanes``: element j of row i is u - (2^(b-1) - 1), u = sum over k of bit (j mod 8)
+    of planes[k, i, j div 8] times 2^k; padding bits must be 0 and u at most 2^b - 2."""
+    planes = st.array(p["key"])
+    b = planes.shape[0]
+    m, n = _matrix_view(p["shape"])
+    bits = np.unpackbits(planes, axis=2, bitorder="little").astype(np.int64)  # [b, m, 8 * ceil(n/8)]
+    if bits[:, :, n:].any():
+        raise RefError("codec", f"part {p['key']!r}: bitplanes padding bits must be 0")
+    u = np.zeros((m, n), dtype=np.int64)
+    for k in range(b):
+        u += bits[k, :, :n] << k
+    if (u > (1 << b) - 2).any():
+        raise RefError("codec", f"part {p['key']!r}: a bitplanes value is out of range for {b} planes")
+    return (u - ((1 << (b - 1)) - 1)).astype(np.int8).reshape(p["shape"])
 
 
 def _frame_content_size(frame: bytes, key: str) -> int | None:

@@ -76,7 +76,7 @@ def test_cases_index() -> None:
         assert c["rule"] and c["section"] and c["member"] == "m", c
         if c["file"]:
             assert os.path.lexists(INVALID / c["family"] / c["file"]), c
-    assert [c["name"] for c in CASES if c["code"] is None] == ["valid"]
+    assert [c["name"] for c in CASES if c["code"] is None] == ["valid", "valid_bitplanes"]
     # every error code a file can provoke has a case
     assert {c["code"] for c in CASES} >= {
         "not_safetensors", "format", "limit", "version", "codec", "integrity", "backbone_mismatch", "not_found"
@@ -149,10 +149,11 @@ def _as_numpy(t: Any) -> np.ndarray:
     return out
 
 
-def test_control_case_is_rebuilt_identically() -> None:
+@pytest.mark.parametrize("control", ["valid", "valid_bitplanes"])
+def test_control_case_is_rebuilt_identically(control: str) -> None:
     import wfactor
 
-    fam = INVALID / "valid"
+    fam = INVALID / control
     with wfactor.open_family(fam) as lib:
         mine = {k: _as_numpy(v) for k, v in lib.state_dict("m").items()}
     ref = rr.open_family(fam)
@@ -170,7 +171,9 @@ def test_control_case_is_rebuilt_identically() -> None:
     codecs = {t["codec"] for r in records.values() for t in r["terms"]}
     assert codecs == {"dense", "lowrank", "sparse", "quant"}
     encodings = {p["encoding"] for r in records.values() for t in r["terms"] for p in t["parts"].values()}
-    assert encodings == {"raw", "zstd", "zstd_planes"}
+    # the bit-plane control stores the quant codes, its only zstd part, as planes
+    want = {"raw", "zstd", "zstd_planes"} if control == "valid" else {"raw", "zstd_planes", "bitplanes"}
+    assert encodings == want
     assert any(r.get("same_as") for r in records.values()) and any(r.get("residual") for r in records.values())
 
 

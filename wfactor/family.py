@@ -136,6 +136,12 @@ class Family:
         path = resolve_inside(self.root, entry.delta.path, "delta")
         entry.delta.check_digest(self.root, use_stamps)
         delta = DeltaFile(path, self._base_shapes, self.manifest.backbone.sha256)
+        if delta.version > self.manifest.format_version:
+            delta.close()
+            raise FormatError(
+                f"{path}: a version-{delta.version} delta in a version-{self.manifest.format_version} family; "
+                "a family's format_version is at least that of each of its files (spec 8)"
+            )
         listed = {t.name: (t.shape, t.dtype) for t in entry.tensors}
         recorded = {r.name: (r.shape, r.dtype) for r in delta.records.values()}
         if listed != recorded:

@@ -8,7 +8,8 @@ import numpy as np
 
 FORMAT_VERSION = 1  # what is written for a family without a sharded backbone (spec section 8)
 SHARDED_FORMAT_VERSION = 2  # a family with a sharded backbone (spec section 2.1)
-MAX_FORMAT_VERSION = 2  # the newest version this reader reads
+PLANES_FORMAT_VERSION = 3  # a delta with a `bitplanes` part, and a family holding one (spec sections 4.3, 8)
+MAX_FORMAT_VERSION = 3  # the newest version this reader reads
 BACKBONE_LIST_NAME = "backbone.sha256"  # the shard list of a sharded backbone
 BACKBONE_SHARD_PREFIX = "backbone"
 MANIFEST_NAME = "wfactor.json"
@@ -54,7 +55,7 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "BOOL": (np.dtype("?"), 1),
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-PART_ENCODINGS = frozenset({"raw", "zstd", "zstd_planes"})
+PART_ENCODINGS = frozenset({"raw", "zstd", "zstd_planes", "bitplanes"})
 
 
 def itemsize(dtype: str) -> int:

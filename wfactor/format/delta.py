@@ -14,6 +14,7 @@ from .constants import (
     META_MEMBER,
     META_RECORDS,
     META_VERSION,
+    PLANES_FORMAT_VERSION,
     SHA256_RE,
 )
 from .records import Record, record_from_json
@@ -49,6 +50,7 @@ class DeltaFile:
                 f"{where}: not a wfactor delta ({META_KIND} is {meta.get(META_KIND)!r}, expected 'delta')"
             )
         check_version(meta.get(META_VERSION), where)
+        self.version = int(str(meta.get(META_VERSION)))
         digest = meta.get(META_BACKBONE, "")
         if not SHA256_RE.match(digest):
             raise FormatError(f"{where}: {META_BACKBONE} must be 64 lowercase hex digits")
@@ -81,6 +83,11 @@ class DeltaFile:
                         "of the same shape and dtype that is not itself same_as"
                     )
             for spec in rec.part_specs():
+                if spec.encoding == "bitplanes" and self.version < PLANES_FORMAT_VERSION:
+                    raise FormatError(
+                        f"{where}: part {spec.key!r} is bitplanes, which needs {META_VERSION} "
+                        f"{PLANES_FORMAT_VERSION}; the file says {self.version}"
+                    )
                 if spec.key not in self.file.tensors:
                     raise FormatError(f"{where}: tensor {rec.name!r} names part {spec.key!r}, which is not in the file")
                 if spec.key in used:  # spec 4.1: no two parts of one file share a key

@@ -17,6 +17,7 @@ import numpy as np
 import zstandard
 
 from ..errors import CodecError, LimitError
+from . import bitplanes
 from .constants import DTYPES, PART_ENCODINGS
 from .safetensors_io import SafetensorsFile, check_shape
 
@@ -75,6 +76,11 @@ def encode_part(
     spec = PartSpec(key, dtype, tuple(arr.shape), encoding)
     if encoding == "raw":
         return spec, arr
+    if encoding == "bitplanes":
+        bits = bitplanes.bits_needed(arr) if dtype == "I8" else None
+        if bits is None:  # not an I8 part, or it holds -128: no plane count can hold it
+            return encode_part(key, arr, dtype, "zstd", level)
+        return spec, bitplanes.pack(arr, bits)
     frame = compress_streaming(arr, DTYPES[dtype][1] if encoding == "zstd_planes" else 1, level)
     if len(frame) >= arr.nbytes:  # incompressible (or tiny): storing it raw is smaller and faster to read
         return PartSpec(key, dtype, tuple(arr.shape), "raw"), arr if arr.base is None else arr.copy()
@@ -145,6 +151,9 @@ def read_part_array(spec: PartSpec, stored: np.ndarray, where: str) -> np.ndarra
     """Decode a part from its stored array (what the safetensors file holds under ``spec.key``)."""
     if spec.encoding == "raw":
         return stored.reshape(spec.shape).copy()
+    if spec.encoding == "bitplanes":
+        planes = check_planes(spec, stored, where)
+        return bitplanes.unpack(planes, bitplanes.matrix_view(spec.shape)[1]).reshape(spec.shape)
     raw = decode_zstd_frame(stored.tobytes(), spec.nbytes, f"{where}: part {spec.key!r}")
     if spec.encoding == "zstd_planes":
         raw = from_planes(raw, DTYPES[spec.dtype][1])
@@ -162,9 +171,41 @@ def read_part(f: SafetensorsFile, spec: PartSpec, where: str) -> np.ndarray:
                 f"{where}: part {spec.key!r} is stored as {list(info.shape)} x {info.dtype}, "
                 f"the record says {list(spec.shape)} x {spec.dtype}"
             )
+    elif spec.encoding == "bitplanes":
+        if info.dtype != "U8" or len(info.shape) != 3:
+            raise CodecError(
+                f"{where}: bitplanes part {spec.key!r} must be stored as a 3-D U8 tensor [b, m, ceil(n/8)]"
+            )
     elif info.dtype != "U8" or len(info.shape) != 1:
         raise CodecError(f"{where}: compressed part {spec.key!r} must be stored as a 1-D U8 tensor")
     return read_part_array(spec, f.numpy(spec.key), where)
+
+
+def check_planes(spec: PartSpec, stored: np.ndarray, where: str) -> np.ndarray:
+    """A ``bitplanes`` part's stored planes, checked against the part (spec 4.3): an I8 part, U8 planes of
+    shape [b, m, ceil(n/8)] with 2 <= b <= 8 for its matrix view (m, n), padding bits 0, no value outside
+    +-(2^(b-1) - 1). Error ``codec``."""
+    at = f"{where}: part {spec.key!r}"
+    if spec.dtype != "I8":
+        raise CodecError(f"{at}: the bitplanes encoding holds I8 parts only, found {spec.dtype}")
+    m, n = bitplanes.matrix_view(spec.shape)
+    if stored.ndim != 3 or stored.dtype != np.uint8:
+        raise CodecError(f"{at}: bitplanes are stored as a 3-D U8 tensor [b, {m}, {(n + 7) // 8}]")
+    b = int(stored.shape[0])
+    if not bitplanes.MIN_PLANES <= b <= bitplanes.MAX_PLANES or tuple(stored.shape[1:]) != (m, (n + 7) // 8):
+        raise CodecError(
+            f"{at}: bitplanes of shape {list(stored.shape)}, expected [b, {m}, {(n + 7) // 8}] with b in "
+            f"{bitplanes.MIN_PLANES}..{bitplanes.MAX_PLANES}"
+        )
+    bitplanes.check(stored, n, at)
+    return stored
+
+
+def read_planes(f: SafetensorsFile, spec: PartSpec, where: str) -> np.ndarray:
+    """A ``bitplanes`` part's planes as stored (a private copy, checked), without unpacking them."""
+    if spec.key not in f.tensors:
+        raise CodecError(f"{where}: part {spec.key!r} is not in the file")
+    return check_planes(spec, f.numpy(spec.key), where)
 
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)

@@ -20,10 +20,10 @@ from ..codecs import quant
 from ..errors import CodecError, InputError
 from ..family import Family
 from ..format.delta import DeltaFile
-from ..format.parts import read_parts
+from ..format.parts import read_parts, read_planes
 from ..format.records import Record
 from ..tensors import TORCH_DTYPES, from_storage
-from .layers import FactoredEmbedding, FactoredLinear
+from .layers import FactoredEmbedding, FactoredLinear, unpack_codes
 
 
 @dataclass
@@ -39,6 +39,7 @@ class LowRankFactors:
     codes: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     bits: int | None = None
+    planes: torch.Tensor | None = None  # the codes as stored bit planes (uint8 [b, out, ceil(in / 8)])
 
 
 FACTORED_TERMS = (("lowrank",), ("quant",), ("lowrank", "quant"))
@@ -83,13 +84,23 @@ def lowrank_factors(
         if (only is None or tname in only) and _simple_lowrank(rec, backbone)
     ]
     where = {spec.key: f"{delta.file.path}: tensor {rec.name!r}" for rec in chosen for spec in rec.part_specs()}
-    arrays = read_parts(delta.file, [spec for rec in chosen for spec in rec.part_specs()], where)
+    specs = [spec for rec in chosen for spec in rec.part_specs()]
+    # codes stored as bit planes are kept as they are (checked, not unpacked); every other part is decoded
+    planes = {s.key: read_planes(delta.file, s, where[s.key]) for s in specs if s.encoding == "bitplanes"}
+    arrays = read_parts(delta.file, [s for s in specs if s.encoding != "bitplanes"], where)
     out: dict[str, LowRankFactors] = {}
     for rec in chosen:
         assert rec.base is not None
         base = backbone[rec.base]
         f = LowRankFactors(rec.base, base, None, None)
         for term in rec.terms:
+            codes_spec = term.parts.get("codes")
+            if term.codec == "quant" and codes_spec is not None and codes_spec.key in planes:
+                scales_spec = term.parts["scales"]
+                f.planes = torch.from_numpy(planes.pop(codes_spec.key)).to(base.device)
+                f.scales = from_storage(arrays.pop(scales_spec.key), scales_spec.dtype).to(base.device)
+                f.scales = f.scales.reshape(rec.shape[0])
+                continue
             parts = {
                 role: from_storage(arrays.pop(spec.key), spec.dtype).to(base.device)
                 for role, spec in term.parts.items()
@@ -226,10 +237,13 @@ def attach(
             continue
         mod = module.get_submodule(prefix) if prefix else module
         f = factors[wname]
+        if f.planes is not None and not packed:  # stored as bit planes, asked for int8: unpack once here
+            f.codes = unpack_codes(f.planes, int(f.planes.shape[0]), int(f.base_weight.shape[1]))
+            f.planes = None
         if id(mod) not in replaced:
             if isinstance(mod, nn.Linear):
                 new: nn.Module = FactoredLinear(
-                    f.base_weight, f.u, f.v, mod.bias, f.codes, f.scales, f.bits if packed else None
+                    f.base_weight, f.u, f.v, mod.bias, f.codes, f.scales, f.bits if packed else None, f.planes
                 )
             else:
                 assert isinstance(mod, nn.Embedding)
@@ -242,6 +256,7 @@ def attach(
                     f.scales,
                     TORCH_DTYPES[metas[wname].dtype],
                     f.bits if packed else None,
+                    f.planes,
                 )
             replaced[id(mod)] = new
         if not prefix:

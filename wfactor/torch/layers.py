@@ -12,24 +12,24 @@ computes in fp32.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..format import bitplanes
+
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """k-bit codes (int8 in [-(2^(b-1) - 1), 2^(b-1) - 1], shape [..., n]) as b bit planes, uint8
-    [b, ..., ceil(n / 8)]: plane k holds bit k of (code + 2^(b-1) - 1), eight codes per byte, lowest bit
-    first. Rows stay rows, so a gather of rows works on the packed form. On CPU numpy's packbits does the
-    work; elsewhere torch ops on the device (same bytes)."""
+    """k-bit codes (int8 in [-(2^(b-1) - 1), 2^(b-1) - 1], shape [rows, cols]) as b bit planes, uint8
+    [b, rows, ceil(cols / 8)], the layout of the format's ``bitplanes`` encoding (``wfactor.format.bitplanes``):
+    plane k holds bit k of (code + 2^(b-1) - 1), eight codes per byte, lowest bit first. Rows stay rows, so
+    a gather of rows works on the packed form. On CPU numpy does the work; elsewhere torch ops on the device
+    (same bytes)."""
     q = (1 << (bits - 1)) - 1
     if codes.numel() and (int(codes.min()) < -q or int(codes.max()) > q):
         raise ValueError(f"codes exceed +-{q}, the range of {bits} bits")
     if codes.device.type == "cpu":
-        u = (codes.numpy().astype(np.int16) + q).astype(np.uint8)
-        planes = [np.packbits((u >> k) & 1, axis=-1, bitorder="little") for k in range(bits)]
-        return torch.from_numpy(np.stack(planes)) if planes else torch.zeros(0, dtype=torch.uint8)
+        return torch.from_numpy(bitplanes.pack(codes.numpy(), bits))
     return _pack_torch(codes, bits, q)
 
 
@@ -43,25 +43,11 @@ def _pack_torch(codes: torch.Tensor, bits: int, q: int) -> torch.Tensor:
     return torch.stack([(((t >> k) & 1) * weights).sum(-1, dtype=torch.uint8) for k in range(bits)])
 
 
-# byte -> its 8 bits as 8 bytes (lowest bit first), as one little-endian uint64: a byte of a plane unpacks
-# with one table lookup, and b planes combine with b shifted ORs of 64-bit words
-_BITS64 = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").view("<u8").ravel()
-
-
 def unpack_codes(planes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The int8 codes [..., n] that :func:`pack_codes` packed into ``planes`` [b, ..., ceil(n / 8)]."""
-    q = (1 << (bits - 1)) - 1
     if planes.device.type == "cpu":
-        p = planes.numpy()
-        if p.size == 0:
-            return torch.zeros((*p.shape[1:-1], n), dtype=torch.int8)
-        acc = np.zeros(p.shape[1:], dtype="<u8")
-        for k in range(bits):
-            acc |= _BITS64[p[k]] << np.uint64(k)
-        codes = acc.view(np.int8).reshape(*p.shape[1:-1], -1)[..., :n]  # code + q: 0 .. 2q <= 126, an int8
-        np.subtract(codes, np.int8(q), out=codes)
-        return torch.from_numpy(codes)
-    return _unpack_torch(planes, bits, n, q)
+        return torch.from_numpy(bitplanes.unpack(planes.numpy(), n))
+    return _unpack_torch(planes, bits, n, (1 << (bits - 1)) - 1)
 
 
 def _unpack_torch(planes: torch.Tensor, bits: int, n: int, q: int) -> torch.Tensor:
@@ -96,10 +82,21 @@ class _Factored(nn.Module):
         codes: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
         bits: int | None = None,
+        planes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         rows, cols = base_weight.shape
-        if (u is None) != (v is None) or (codes is None) != (scales is None) or (u is None and codes is None):
+        if planes is not None:  # codes already packed (a `bitplanes` part as stored): kept as they are
+            if codes is not None:
+                raise ValueError(f"{kind}: give codes or planes, not both")
+            b = int(planes.shape[0]) if planes.dim() == 3 else 0
+            if planes.dtype != torch.uint8 or tuple(planes.shape[1:]) != (rows, (cols + 7) // 8) or not 2 <= b <= 8:
+                raise ValueError(
+                    f"{kind}: planes {list(planes.shape)} x {planes.dtype} do not pack a {list(base_weight.shape)} "
+                    f"delta (uint8 [b, {rows}, {(cols + 7) // 8}], b in 2..8)"
+                )
+        quantised = codes is not None or planes is not None
+        if (u is None) != (v is None) or quantised != (scales is not None) or (u is None and not quantised):
             raise ValueError(f"{kind}: give U and V, or codes and scales, or both")
         if (
             u is not None
@@ -128,6 +125,8 @@ class _Factored(nn.Module):
         self.codes_int8: torch.Tensor | None
         self.scales: torch.Tensor | None
         packed = pack_codes(codes, self.bits) if codes is not None and self.bits is not None else None
+        if planes is not None:
+            packed, self.bits = planes, int(planes.shape[0])
         self.register_buffer("code_planes", packed, persistent=False)
         self.register_buffer("codes_int8", codes if packed is None else None, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
@@ -183,8 +182,9 @@ class FactoredLinear(_Factored):
         codes: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
         bits: int | None = None,
+        planes: torch.Tensor | None = None,
     ) -> None:
-        super().__init__("FactoredLinear", base_weight, u, v, codes, scales, bits)
+        super().__init__("FactoredLinear", base_weight, u, v, codes, scales, bits, planes)
         self.out_features, self.in_features = base_weight.shape
         if bias is None:
             self.register_parameter("bias", None)
@@ -223,8 +223,9 @@ class FactoredEmbedding(_Factored):
         scales: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         bits: int | None = None,
+        planes: torch.Tensor | None = None,
     ) -> None:
-        super().__init__("FactoredEmbedding", base_weight, u, v, codes, scales, bits)
+        super().__init__("FactoredEmbedding", base_weight, u, v, codes, scales, bits, planes)
         self.dtype = dtype or base_weight.dtype  # the member's dtype: looked-up rows are returned in it
         self.num_embeddings, self.embedding_dim = base_weight.shape
         self.padding_idx = padding_idx
