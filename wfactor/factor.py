@@ -507,6 +507,10 @@ def factor(
     ``max_shard_size`` (bytes, or "2GB", "1.5GiB") splits a backbone larger than that into shards (a
     version-2 family, spec/FORMAT.md section 2.1); without it, or when it fits, the backbone is one file.
 
+    Side effect on Linux: glibc's mmap threshold is fixed at 1 MiB for the rest of the process
+    (:func:`bounded_heap`), which keeps memory bounded while streaming but makes later large allocations
+    fresh mappings; a serving process is better off running ``factor`` in a separate process.
+
     ``fast_load``: k-bit codes are stored as bit planes rather than zstd frames (a version-3 family,
     spec/FORMAT.md section 4.3): a loader uses them without decoding (``wfactor.torch.attach`` keeps them as
     they are; a GPU can unpack them), for ~1% more bytes at 5-8 bits and ~25% more at 3-4 bits.
