@@ -37,7 +37,7 @@ from wfactor.format import stamps
 from wfactor.loader import BACKBONES
 
 WORK = BENCH / "work" / "load"
-N_MATS, DIM, REPEATS = 16, 1024, 5
+N_MATS, DIM, REPEATS = 16, 1024, 9
 MEMBERS = ["lora", "full_ft", "top_ft", "bf16"]
 
 
