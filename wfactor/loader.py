@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,25 +25,6 @@ from .tensors import TORCH_DTYPES
 CHUNK_BYTES = 64 << 20
 
 
-HUGE_MIN = 8 << 20
-
-
-def host_buffer(length: int) -> torch.Tensor:
-    """A new uint8 tensor of ``length`` bytes in anonymous memory, backed by transparent huge pages where the
-    kernel offers them (madvise mode): filling a 64 MiB backbone then takes ~30 page faults instead of
-    ~16,000, 15 ms instead of 49 ms on the bench machine. Small buffers, and systems without
-    ``MADV_HUGEPAGE``, get a plain ``torch.empty``."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if length < HUGE_MIN or advice is None:
-        return torch.empty(length, dtype=torch.uint8)
-    mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        mm.madvise(advice)
-    except OSError:
-        pass  # huge pages are an optimisation; the mapping works without them
-    return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
-
-
 def read_flat(
     fh: io.BufferedReader,
     start: int,
@@ -55,7 +35,7 @@ def read_flat(
 ) -> torch.Tensor:
     """Bytes [start, start + length) of the open file ``fh`` (``path``, for messages) as one uint8 tensor on
     ``device``. ``hasher`` (if given) is fed the whole file, header included, in order."""
-    out = host_buffer(length) if device.type == "cpu" else torch.empty(length, dtype=torch.uint8, device=device)
+    out = torch.empty(length, dtype=torch.uint8, device=device)
     fh.seek(0)
     if hasher is not None:
         hasher.update(fh.read(start))
