@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,14 +58,11 @@ def make_family() -> Path:
     for name, sd in models.items():
         (WORK / name).mkdir(parents=True)
         save_file(sd, str(WORK / name / "model.safetensors"))
-    # factored in another process, as in production: factor() fixes glibc's mmap threshold for the process
-    # it runs in (bounded memory while streaming), which would make every later large allocation of this
-    # serving-side bench a fresh mapping. The second family stores k-bit codes as bit planes (--fast-load).
-    for out, extra in (("family", []), ("family_fast", ["--fast-load"])):
-        args = [f"{m}={WORK / m}" for m in MEMBERS] + ["--base", str(WORK / "base"), "-o", str(WORK / out), *extra]
-        subprocess.run(
-            [sys.executable, "-m", "wfactor", "factor", *args, "--json"], check=True, stdout=subprocess.DEVNULL
-        )
+    wfactor.factor([f"{m}={WORK / m}" for m in MEMBERS], base=str(WORK / "base"), out=WORK / "family")
+    # the same members with k-bit codes stored as bit planes (`factor --fast-load`, a version-3 family)
+    wfactor.factor(
+        [f"{m}={WORK / m}" for m in MEMBERS], base=str(WORK / "base"), out=WORK / "family_fast", fast_load=True
+    )
     return WORK / "family"
 
 

@@ -508,8 +508,8 @@ def factor(
     version-2 family, spec/FORMAT.md section 2.1); without it, or when it fits, the backbone is one file.
 
     Side effect on Linux: glibc's mmap threshold is fixed at 1 MiB for the rest of the process
-    (:func:`bounded_heap`), which keeps memory bounded while streaming but makes later large allocations
-    fresh mappings; a serving process is better off running ``factor`` in a separate process.
+    (:func:`bounded_heap`), which keeps memory bounded while streaming: later large allocations of the
+    process are fresh mappings, returned to the system when freed.
 
     ``fast_load``: k-bit codes are stored as bit planes rather than zstd frames (a version-3 family,
     spec/FORMAT.md section 4.3): a loader uses them without decoding (``wfactor.torch.attach`` keeps them as
