@@ -10,8 +10,9 @@ default budget. For each member k we time making it ready on the device:
   (d) factored (``wfactor.torch.attach`` on a module built on the meta device), backbone resident: low-rank
       and k-bit deltas stay factored over the shared backbone tensors, nothing of a weight's size is built.
 Memory after N = 1..4 members, each mode against N full checkpoints: bytes of distinct tensor storages on
-CPU; torch.cuda.memory_allocated on a GPU. Timings are the median of 5 runs, with the files in the page
-cache (the machine has no cold-cache control here): they measure the loader, not the disk.
+CPU; torch.cuda.memory_allocated on a GPU. Timings are the median of 9 runs, once with the files in the
+page cache (the loader, not the disk) and once read from the disk, the page cache dropped before every run
+(root only; WFACTOR_BENCH_DROP_CACHES=0 skips it).
 """
 
 from __future__ import annotations
@@ -385,7 +386,7 @@ def main() -> None:
         + ", ".join(agree)
         + ".",
         "",
-        "What factoring costs per forward (batch of 4 rows through the 16 layers, median of 5): "
+        f"What factoring costs per forward (batch of 4 rows through the 16 layers, median of {REPEATS}): "
         + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in fwd.items())
         + ".",
         "",
