@@ -214,6 +214,24 @@ def link_speeds(device: torch.device) -> str:
     )
 
 
+LABELS = {
+    "a": ("(a)", "(a) full checkpoint ms"),
+    "b0": ("(b0)", "(b0) first load, hashing ms"),
+    "b": ("(b)", "(b) backbone + delta, cold ms"),
+    "c": ("(c)", "(c) delta only, backbone resident ms"),
+    "c2": ("(c')", "(c') delta cached ms"),
+    "d": ("(d)", "(d) factored attach ms"),
+    "d_fast": ("(d')", "(d') attach, --fast-load ms"),
+}
+CACHE_KEYS = ("a", "b0", "b", "c", "c2", "d", "d_fast")  # files in the page cache
+DISK_KEYS = ("a", "b", "c", "d", "d_fast")  # read from the disk
+RATIO_KEYS = ("b", "c", "d", "d_fast")
+
+
+def time_head(keys: tuple[str, ...]) -> list[str]:
+    return ["member"] + [LABELS[k][1] for k in keys] + [f"{LABELS[k][0]}/(a)" for k in RATIO_KEYS]
+
+
 def fast_delta(member: str) -> int:
     with wfactor.open_family(WORK / "family_fast") as f:
         return f.member(member).delta.size
@@ -238,17 +256,15 @@ def main() -> None:
         full_size = (WORK / m / "model.safetensors").stat().st_size
         rows.append(
             [m]
-            + [f"{t[k] * 1e3:.1f}" for k in ("a", "b0", "b", "c", "c2", "d", "d_fast")]
-            + [f"{t[k] / t['a']:.2f}" for k in ("b", "c", "d", "d_fast")]
+            + [f"{t[k] * 1e3:.1f}" for k in CACHE_KEYS]
+            + [f"{t[k] / t['a']:.2f}" for k in RATIO_KEYS]
             + [fmt_bytes(full_size), fmt_bytes(bb_bytes + delta), fmt_bytes(delta), fmt_bytes(fast_delta(m))]
         )
         print("  " + m + " (page cache): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()), flush=True)
         if can_drop:
             t = member_times(m, fam_dir, device, disk=True)
             disk_rows.append(
-                [m]
-                + [f"{t[k] * 1e3:.1f}" for k in ("a", "b", "c", "d", "d_fast")]
-                + [f"{t[k] / t['a']:.2f}" for k in ("b", "c", "d", "d_fast")]
+                [m] + [f"{t[k] * 1e3:.1f}" for k in DISK_KEYS] + [f"{t[k] / t['a']:.2f}" for k in RATIO_KEYS]
             )
             print("  " + m + " (from disk): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()), flush=True)
     assert not BACKBONES.resident(), "a bench Family leaked its backbone reference"
@@ -314,24 +330,7 @@ def main() -> None:
         "the files in the page cache (what a loader costs once the bytes are in memory):",
         "",
         md_table(
-            [
-                "member",
-                "(a) full checkpoint ms",
-                "(b0) first load, hashing ms",
-                "(b) backbone + delta, cold ms",
-                "(c) delta only, backbone resident ms",
-                "(c') delta cached ms",
-                "(d) factored attach ms",
-                "(d') attach, --fast-load ms",
-                "(b)/(a)",
-                "(c)/(a)",
-                "(d)/(a)",
-                "(d')/(a)",
-                "bytes moved (a)",
-                "bytes moved (b)",
-                "bytes moved (c)",
-                "delta, --fast-load",
-            ],
+            time_head(CACHE_KEYS) + ["bytes moved (a)", "bytes moved (b)", "bytes moved (c)", "delta, --fast-load"],
             rows,
         ),
         "",
@@ -344,23 +343,7 @@ def main() -> None:
             else f"Files on the disk: not measured (dropping the page cache needs root; `{DROP_ENV}=0` turns it off)."
         ),
         "",
-        md_table(
-            [
-                "member",
-                "(a) full checkpoint ms",
-                "(b) backbone + delta, cold ms",
-                "(c) delta only, backbone resident ms",
-                "(d) factored attach ms",
-                "(d') attach, --fast-load ms",
-                "(b)/(a)",
-                "(c)/(a)",
-                "(d)/(a)",
-                "(d')/(a)",
-            ],
-            disk_rows,
-        )
-        if disk_rows
-        else "",
+        md_table(time_head(DISK_KEYS), disk_rows) if disk_rows else "",
         "",
         "Memory after loading N members, distinct tensor storages counted once. Materialised: `state_dict`, "
         "identical tensors are the backbone's own. Factored: `wfactor.torch.attach` (low-rank factors, k-bit "
