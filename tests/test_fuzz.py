@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = ROOT / "fixtures" / "invalid" / "valid"
+VALID_PLANES = ROOT / "fixtures" / "invalid" / "valid_bitplanes"  # the control with bit-plane codes (v3)
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
@@ -54,13 +55,13 @@ HEAP_LIMIT = 8 << 20  # Python heap growth allowed while reading a family of a f
 MEMBER = "m"
 FILES = {"delta": "deltas/m.safetensors", "manifest": "wfactor.json", "backbone": "backbone.safetensors"}
 LOWRANK_RTOL = 1e-5
-ORIGINAL = {rel: (VALID / rel).read_bytes() for rel in FILES.values()}
+ORIGINALS = {base: {rel: (base / rel).read_bytes() for rel in FILES.values()} for base in (VALID, VALID_PLANES)}
 
 INTERESTING: list[Any] = [
     0, 1, -1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 24, 127, 128, 255, 256, 1024, 1025, 1280, 1281,
     2**31, 2**32, 2**40, 2**40 + 1, 2**63 - 1, 2**63, 2**64, -(2**63), 1.0, 0.5, -0.0, 1e308,
     None, True, False, "", "w", "h", "head", "tied", "ids", "emb", "mask", "nope", "0#0.u", "0#0.v", "2#0.values",
-    "F32", "F16", "BF16", "I64", "I8", "U8", "BOOL", "Q4", "raw", "zstd", "zstd_planes",
+    "F32", "F16", "BF16", "I64", "I8", "U8", "BOOL", "Q4", "raw", "zstd", "zstd_planes", "bitplanes", "1#0.codes",
     "dense", "lowrank", "sparse", "quant", "delta", "backbone", "1", "2", "01", "../x", "/abs", "a" * 1300,
     [], {}, [0], [1], [4, 6], [6, 4], [3, 4], [1] * 9, [2**20, 2**21], [-1], [0, 0], [0, 2**40],
 ]  # fmt: skip
@@ -366,9 +367,10 @@ def zstd_spy() -> Iterator[list[tuple[int, int]]]:
         parts.zstandard = saved
 
 
-def test_the_unmutated_family_reads_the_same_in_both_readers(workdir: Path) -> None:
-    fam = workdir / "plain"
-    shutil.copytree(VALID, fam)
+@pytest.mark.parametrize("base", [VALID, VALID_PLANES], ids=["valid", "valid_bitplanes"])
+def test_the_unmutated_family_reads_the_same_in_both_readers(workdir: Path, base: Path) -> None:
+    fam = workdir / f"plain-{base.name}"
+    shutil.copytree(base, fam)
     lib, ref = read_library(fam), read_reference(fam)
     assert "tensors" in lib and "tensors" in ref
     compare(lib, ref)
@@ -382,12 +384,15 @@ def test_the_slices_share_the_examples() -> None:
 
 
 SLICES: dict[str, tuple[str, list[str], float]] = {
-    "delta_records": ("delta", ["records"], 0.30),
+    "delta_records": ("delta", ["records"], 0.25),
     "delta_parts": ("delta", ["swap_parts", "data_flip", "header", "swap_offsets"], 0.20),
-    "delta_bytes": ("delta", ["flip", "truncate", "splice"], 0.15),
+    "delta_bytes": ("delta", ["flip", "truncate", "splice"], 0.10),
     "backbone": ("backbone", ["data_flip", "header", "swap_offsets", "flip", "truncate", "splice"], 0.15),
-    "manifest": ("manifest", [], 0.20),
+    "manifest": ("manifest", [], 0.15),
+    # the bit-plane control's delta (format v3): records, parts and the planes' bytes
+    "planes": ("delta", ["records", "swap_parts", "data_flip", "header", "flip"], 0.15),
 }
+BASES = {"planes": VALID_PLANES}  # the family a slice mutates; the plain control otherwise
 
 
 def _fuzz(slice_name: str) -> Any:
@@ -402,18 +407,20 @@ def _fuzz(slice_name: str) -> Any:
     )
     @given(data=st.data())
     def test(data: st.DataObject, workdir: Path, zstd_spy: list[Any]) -> None:
-        run_case(data, workdir, zstd_spy, target, ops)
+        run_case(data, workdir, zstd_spy, target, ops, BASES.get(slice_name, VALID))
 
     test.__name__ = test.__qualname__ = f"test_fuzz_{slice_name}"
     return test
 
 
-def run_case(data: st.DataObject, workdir: Path, zstd_spy: list[Any], target: str, ops: list[str]) -> None:
-    fam = workdir / "fam"
+def run_case(
+    data: st.DataObject, workdir: Path, zstd_spy: list[Any], target: str, ops: list[str], base: Path = VALID
+) -> None:
+    fam = workdir / f"fam-{base.name}"
     if not fam.exists():
-        shutil.copytree(VALID, fam)
+        shutil.copytree(base, fam)
     for rel in FILES.values():  # back to the valid family (what a case writes is one of these)
-        (fam / rel).write_bytes(ORIGINAL[rel])
+        (fam / rel).write_bytes(ORIGINALS[base][rel])
     path = fam / FILES[target]
     raw = path.read_bytes()
     old_bb_sha = hashlib.sha256((fam / FILES["backbone"]).read_bytes()).hexdigest()
@@ -462,3 +469,4 @@ test_fuzz_delta_parts = _fuzz("delta_parts")
 test_fuzz_delta_bytes = _fuzz("delta_bytes")
 test_fuzz_backbone = _fuzz("backbone")
 test_fuzz_manifest = _fuzz("manifest")
+test_fuzz_planes = _fuzz("planes")
