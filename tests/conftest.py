@@ -6,6 +6,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -70,3 +71,27 @@ def one_line_error(stderr: str, code: str) -> str:
     assert lines[0].startswith(f"error[{code}]: "), stderr
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def zstd_spy_class(calls: list[tuple[int, int]]) -> type:
+    """A stand-in for ``zstandard.ZstdDecompressor`` that records (declared content size, output limit) of
+    every decode into ``calls``; ``decompressobj`` (only for parts of 0 bytes, whose frames must declare 0)
+    records (0, -write_size). It wraps the real decompressor (the C type is not made for subclassing)."""
+    import zstandard
+
+    real = zstandard.ZstdDecompressor
+
+    class Spy:
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            self._real = real(*args, **kw)
+
+        def decompress(self, data: Any, max_output_size: int = 0, **kw: Any) -> bytes:
+            calls.append((zstandard.get_frame_parameters(data).content_size, max_output_size))
+            out: bytes = self._real.decompress(data, max_output_size=max_output_size, **kw)
+            return out
+
+        def decompressobj(self, *args: Any, **kw: Any) -> Any:
+            calls.append((0, -kw.get("write_size", args[0] if args else 0)))
+            return self._real.decompressobj(*args, **kw)
+
+    return Spy

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zstandard
-from conftest import invoke, one_line_error
+from conftest import invoke, one_line_error, zstd_spy_class
 
 ROOT = Path(__file__).resolve().parents[1]
 INVALID = ROOT / "fixtures" / "invalid"
@@ -306,21 +306,7 @@ def test_valid_frames_decode_into_one_buffer_of_the_declared_size(monkeypatch: p
     import wfactor.format.parts as parts
 
     calls: list[tuple[int, int]] = []
-    real = zstandard.ZstdDecompressor
-
-    class Spy:  # wraps (does not subclass: the C type is not made for it) the real decompressor
-        def __init__(self, *args: Any, **kw: Any) -> None:
-            self._real = real(*args, **kw)
-
-        def decompress(self, data: Any, max_output_size: int = 0, **kw: Any) -> bytes:
-            calls.append((zstandard.get_frame_parameters(data).content_size, max_output_size))
-            out: bytes = self._real.decompress(data, max_output_size=max_output_size, **kw)
-            return out
-
-        def decompressobj(self, *args: Any, **kw: Any) -> Any:
-            return self._real.decompressobj(*args, **kw)
-
-    monkeypatch.setattr(parts.zstandard, "ZstdDecompressor", Spy)
+    monkeypatch.setattr(parts.zstandard, "ZstdDecompressor", zstd_spy_class(calls))
     size = 8 << 20
     frame = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(size))
     tracemalloc.start()

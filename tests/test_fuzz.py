@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zstandard
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -48,6 +47,7 @@ if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
 import reference_reader as rr  # noqa: E402
+from conftest import zstd_spy_class  # noqa: E402
 
 EXAMPLES = int(os.environ.get("WFACTOR_FUZZ_EXAMPLES", "250"))
 CASE_SECONDS = 20  # one case reads a family of a few KB: anything near this is a hang
@@ -339,28 +339,12 @@ def zstd_spy() -> Iterator[list[tuple[int, int]]]:
     import wfactor.format.parts as parts
 
     calls: list[tuple[int, int]] = []
-    real = zstandard.ZstdDecompressor
-
-    class Spy:
-        def __init__(self, *args: Any, **kw: Any) -> None:
-            self._real = real(*args, **kw)
-
-        def decompress(self, data: Any, max_output_size: int = 0, **kw: Any) -> bytes:
-            calls.append((zstandard.get_frame_parameters(data).content_size, max_output_size))
-            out: bytes = self._real.decompress(data, max_output_size=max_output_size, **kw)
-            return out
-
-        def decompressobj(self, *args: Any, **kw: Any) -> Any:
-            # only for parts of 0 bytes, whose frames must declare 0: output arrives in chunks of write_size
-            calls.append((0, -kw.get("write_size", args[0] if args else 0)))
-            return self._real.decompressobj(*args, **kw)
-
     saved = parts.zstandard
     parts.zstandard = type(sys)("zstandard_spy")  # type: ignore[assignment]
     for name in dir(saved):
         if not name.startswith("__"):
             setattr(parts.zstandard, name, getattr(saved, name))
-    parts.zstandard.ZstdDecompressor = Spy  # type: ignore[attr-defined]
+    parts.zstandard.ZstdDecompressor = zstd_spy_class(calls)  # type: ignore[attr-defined]
     try:
         yield calls
     finally:
