@@ -188,6 +188,16 @@ def factor_table(rep: FactorReport) -> Table:
     return t
 
 
+# the per-tensor budget options, shared by `factor` and `add`
+lossless_option = click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
+max_rel_error_option = click.option(
+    "--max-rel-error",
+    type=float,
+    default=DEFAULT_MAX_REL_ERROR,
+    show_default=True,
+    help="Per-tensor budget: ||rebuilt - original|| <= E * ||original - base|| (error relative to the drift).",
+)
+
 @main.command()
 @click.argument("members", nargs=-1, required=True, metavar="[NAME=]PATH...")
 @click.option(
@@ -201,14 +211,8 @@ def factor_table(rep: FactorReport) -> Table:
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Family directory to write."
 )
-@click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
-@click.option(
-    "--max-rel-error",
-    type=float,
-    default=DEFAULT_MAX_REL_ERROR,
-    show_default=True,
-    help="Per-tensor budget: ||rebuilt - original|| <= E * ||original - base|| (error relative to the drift).",
-)
+@lossless_option
+@max_rel_error_option
 @click.option(
     "--target-bytes",
     type=int,
@@ -841,14 +845,8 @@ def export_peft(family: Path, name: str, output: Path, max_rank: int | None, for
     metavar="PATH",
     help="Base model of a PEFT adapter member (default: the family's backbone).",
 )
-@click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
-@click.option(
-    "--max-rel-error",
-    type=float,
-    default=DEFAULT_MAX_REL_ERROR,
-    show_default=True,
-    help="Per-tensor budget: ||rebuilt - original|| <= E * ||original - base||.",
-)
+@lossless_option
+@max_rel_error_option
 @click.option("--target-bytes", type=int, default=None, hidden=True)
 @click.option("--target-ratio", type=float, default=None, hidden=True)
 @click.option("--force", is_flag=True, help="Replace a member of the same name.")
