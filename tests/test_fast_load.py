@@ -93,3 +93,34 @@ def test_attach_keeps_the_stored_planes(fast_family: Path, lossy_family: Path) -
         )
         with torch.no_grad():
             assert torch.equal(a(ids), b(ids)) and torch.equal(a(ids), c(ids))
+
+
+def test_attached_planes_are_the_files_pages_and_writes_never_reach_it(fast_family: Path) -> None:
+    """On CPU, attach keeps a --fast-load member's planes as private copy-on-write mappings of the delta file:
+    no copy in anonymous memory, and a write into a module's planes changes neither the file nor another
+    module attached from it."""
+    cfg = tinylm.TinyLMConfig.from_dict(json.loads((FAMILY / "full_ft" / "config.json").read_text()))
+    with wfactor.open_family(fast_family) as fam:
+        delta = fast_family / fam.member("full_ft").delta.path
+        before = hashlib.sha256(delta.read_bytes()).hexdigest()
+        torch.manual_seed(0)
+        a = wt.attach(tinylm.TinyLM(cfg).eval(), fam, "full_ft")
+        torch.manual_seed(0)
+        b = wt.attach(tinylm.TinyLM(cfg).eval(), fam, "full_ft")
+        la = [m for m in a.modules() if isinstance(m, wt.FactoredLinear) and m.code_planes is not None]
+        lb = [m for m in b.modules() if isinstance(m, wt.FactoredLinear) and m.code_planes is not None]
+        assert la and len(la) == len(lb)
+        maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+
+        def backing(ptr: int) -> str:
+            for f in maps:
+                lo, hi = (int(x, 16) for x in f[0].split("-"))
+                if lo <= ptr < hi:
+                    return f[5] if len(f) > 5 else ""
+            return ""
+
+        assert all(backing(m.code_planes.data_ptr()) == str(delta.resolve()) for m in la)
+        keep = lb[0].code_planes.clone()
+        la[0].code_planes.zero_()
+        assert torch.equal(lb[0].code_planes, keep)
+        assert hashlib.sha256(delta.read_bytes()).hexdigest() == before

@@ -197,27 +197,26 @@ def test_open_checks_sizes_without_reading_data(family: Path, tmp_path: Path) ->
 
 
 class HashCounter:
-    """Counts the files whose bytes are SHA-256 hashed: whole-file checks (``stamps.file_matches``) and the
-    backbone hashed while it is read (``read_flat`` with a hasher)."""
+    """Counts the files whose bytes are SHA-256 hashed: whole-file checks (``stamps.file_matches``) and files
+    hashed while they are read (``stamps.read_exact`` with a hasher: the backbone, deltas read whole)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import wfactor.family as fmod
         from wfactor.format import stamps
 
         self.names: list[str] = []
-        real_hash, real_read = stamps.hash_open_file, fmod.read_flat
+        real_hash, real_read = stamps.hash_open_file, stamps.read_exact
 
         def hashing(fh: Any, *a: Any) -> str:
             self.names.append(Path(fh.name).name)
             return real_hash(fh, *a)
 
-        def reading(fh: Any, start: int, length: int, device: Any, hasher: Any = None, path: str = "") -> Any:
+        def reading(fh: Any, view: Any, hasher: Any = None, path: str = "file", offset: int = 0) -> None:
             if hasher is not None:
                 self.names.append(Path(path).name)
-            return real_read(fh, start, length, device, hasher, path)
+            real_read(fh, view, hasher, path, offset)
 
         monkeypatch.setattr(stamps, "hash_open_file", hashing)
-        monkeypatch.setattr(fmod, "read_flat", reading)
+        monkeypatch.setattr(stamps, "read_exact", reading)
 
     def count(self, name: str) -> int:
         return sum(n == name for n in self.names)
@@ -366,3 +365,32 @@ def test_damaged_file_after_open_is_caught_at_use(family: Path, tmp_path: Path) 
         bb.write_bytes(bytes(data))
         with pytest.raises(IntegrityError):
             fam.state_dict("top_ft")
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17])
+def test_overlapped_hashing_equals_sha256(tmp_path: Path, size: int) -> None:
+    """Whole-file checks read chunk k+1 while chunk k is hashed (two buffers, a second thread), and files read
+    for loading are hashed as they are read: both give SHA-256 of the bytes, at every chunk boundary."""
+    import hashlib
+
+    import numpy as np
+
+    from wfactor.format import stamps
+
+    data = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        assert stamps.hash_open_file(fh, chunk=4096) == hashlib.sha256(data).hexdigest()
+    real_chunk = stamps.READ_CHUNK
+    try:
+        stamps.READ_CHUNK = 4096
+        out = np.empty(size, dtype=np.uint8)
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as fh:
+            stamps.read_exact(fh, out.data.cast("B"), h, str(path))
+        assert h.hexdigest() == hashlib.sha256(data).hexdigest() and out.tobytes() == data
+        with open(path, "rb", buffering=0) as fh, pytest.raises(IntegrityError, match="ended after"):
+            stamps.read_exact(fh, np.empty(size + 1, dtype=np.uint8).data.cast("B"), hashlib.sha256(), str(path))
+    finally:
+        stamps.READ_CHUNK = real_chunk

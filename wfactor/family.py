@@ -8,6 +8,7 @@ So a flipped byte anywhere is caught before a tensor built from it is returned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -25,13 +26,13 @@ from .format.atomic import staged_files
 from .format.constants import DTYPES, META_KIND, META_VERSION
 from .format.delta import DeltaFile, check_version
 from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, shard_list_bytes
-from .format.parts import PartSpec, read_part, read_parts
+from .format.parts import PartReader, PartSpec, read_part
 from .format.records import Record
 from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
 from .format.stamps import file_matches
-from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat
+from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat, to_device
 from .reconstruct import reconstruct
-from .tensors import bitwise_equal, from_storage, storage_view
+from .tensors import bitwise_equal, storage_view
 
 
 def out_of_memory(where: str, rec: Record, device: str | torch.device) -> MemoryLimitError:
@@ -130,12 +131,12 @@ class Family:
             self._bb_verified = True
 
     def open_delta(self, name: str, use_stamps: bool = True) -> DeltaFile:
-        """The member's delta, its sha256 checked (see ``stamps``) and its backbone digest matched to this
-        family's backbone."""
+        """The member's delta, its sha256 checked (see ``stamps``) on the very open file it is then parsed and
+        read from, and its backbone digest matched to this family's backbone."""
         entry = self.member(name)
         path = resolve_inside(self.root, entry.delta.path, "delta")
-        entry.delta.check_digest(self.root, use_stamps)
-        delta = DeltaFile(path, self._base_shapes, self.manifest.backbone.sha256)
+        _, fh = entry.delta.open_checked(self.root, use_stamps)
+        delta = DeltaFile(path, self._base_shapes, self.manifest.backbone.sha256, fh)
         if delta.version > self.manifest.format_version:
             delta.close()
             raise FormatError(
@@ -200,7 +201,7 @@ class Family:
         f = self._bb_of[name]
         # a copy-on-write mapping of the backbone file: page cache, not anonymous memory (reconstruction
         # never writes into its base)
-        return from_storage(f.mapped(name), f.tensors[name].dtype).to(device)
+        return to_device(f.mapped(name), f.tensors[name].dtype, torch.device(device))
 
     # -- rebuilding --------------------------------------------------------------------------------------
     def iter_tensors(
@@ -245,7 +246,7 @@ class Family:
         where = f"{delta.file.path}: tensor {rec.name!r}"
 
         def load(spec: PartSpec) -> torch.Tensor:
-            return from_storage(read_part(delta.file, spec, where), spec.dtype).to(device)
+            return to_device(read_part(delta.file, spec, where), spec.dtype, torch.device(device))
 
         try:
             return reconstruct(rec, base, load, device)
@@ -275,54 +276,77 @@ class Family:
         delta's bytes, and a second call moves none."""
         dev = torch.device(device)
         prefix = self._component_prefix(name, component)
-        records, parts = self.load_delta(name, dev)
         out: dict[str, torch.Tensor] = {}
-        for meta in self.member(name).tensors:
-            if not meta.name.startswith(prefix):
-                continue
-            rec = records[meta.name]
-            src = records[rec.same_as] if rec.same_as is not None else rec
-            base = self._base_tensor(src.base, dev) if src.base is not None else None
-            try:
-                t = reconstruct(src, base, lambda spec: parts[spec.key], dev)
-            except WfactorError as exc:  # a decode-time check (sparse indices, quant codes, BOOL bytes)
-                where = f"{self.root / self.member(name).delta.path}: tensor {meta.name!r}"
-                raise type(exc)(f"{where}: {exc.message}") from None
-            except (MemoryError, RuntimeError) as exc:
-                if not is_allocation_failure(exc):
-                    raise
-                where = f"{self.root / self.member(name).delta.path}: tensor {meta.name!r}"
-                raise out_of_memory(where, src, dev) from None
-            if copy and base is not None and t.data_ptr() == base.data_ptr():
-                t = t.clone()
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            out[meta.name[len(prefix) :]] = t
+        with self._delta_parts(name, dev) as (records, part, delta_path):
+            for meta in self.member(name).tensors:
+                if not meta.name.startswith(prefix):
+                    continue
+                rec = records[meta.name]
+                src = records[rec.same_as] if rec.same_as is not None else rec
+                base = self._base_tensor(src.base, dev) if src.base is not None else None
+                where = f"{delta_path}: tensor {meta.name!r}"
+                try:
+                    t = reconstruct(src, base, part, dev)
+                except WfactorError as exc:  # a part's decoding, or a decode-time check (sparse indices, ...)
+                    if exc.message.startswith(delta_path):
+                        raise
+                    raise type(exc)(f"{where}: {exc.message}") from None
+                except (MemoryError, RuntimeError) as exc:
+                    if not is_allocation_failure(exc):
+                        raise
+                    raise out_of_memory(where, src, dev) from None
+                if copy and base is not None and t.data_ptr() == base.data_ptr():
+                    t = t.clone()
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                out[meta.name[len(prefix) :]] = t
         return out
+
+    @contextlib.contextmanager
+    def _delta_parts(
+        self, name: str, dev: torch.device
+    ) -> Iterator[tuple[dict[str, Record], Callable[[PartSpec], torch.Tensor], str]]:
+        """(records, part, delta path): ``part(spec)`` is a decoded part on ``dev``. From the LRU when the member
+        is there; else the delta is read whole (one sequential read, checked), its parts decode on a few
+        threads in the order the member's tensors are rebuilt, so the caller rebuilds tensor k while later
+        parts decode; on a clean exit every part is decoded and the member goes into the LRU."""
+        self.last_delta_bytes = 0
+        entry = self.member(name)
+        cached = self.delta_cache.get(name, dev)
+        if cached is not None and name in self._records:
+            yield self._records[name], lambda spec: cached[spec.key], str(self.root / entry.delta.path)
+            return
+        with self.open_delta(name) as delta:
+            delta.file.prefetch()  # every part is read: the whole file in large requests
+            records = delta.records
+            specs = [spec for meta in entry.tensors for spec in records[meta.name].part_specs()]
+            where = {
+                spec.key: f"{delta.file.path}: tensor {r.name!r}" for r in records.values() for spec in r.part_specs()
+            }
+            parts: dict[str, torch.Tensor] = {}
+
+            def part(spec: PartSpec) -> torch.Tensor:
+                t = parts.get(spec.key)
+                if t is None:
+                    t = parts[spec.key] = to_device(reader.get(spec.key), spec.dtype, dev)
+                return t
+
+            with PartReader(delta.file, specs, where) as reader:
+                yield records, part, str(delta.file.path)
+                for spec in specs:  # what the caller did not need (another component): for the LRU
+                    part(spec)
+            self._records[name] = records
+            self.last_delta_bytes = entry.delta.size
+        self.delta_cache.put(name, dev, parts)
 
     def load_delta(
         self, name: str, device: str | torch.device = "cpu"
     ) -> tuple[dict[str, Record], dict[str, torch.Tensor]]:
         """The member's records and its decoded parts on ``device`` (from the LRU when there).
         ``last_delta_bytes`` tells how many delta bytes this call read (0 on a cache hit)."""
-        dev = torch.device(device)
-        self.last_delta_bytes = 0
-        parts = self.delta_cache.get(name, dev)
-        if parts is not None and name in self._records:
-            return self._records[name], parts
-        with self.open_delta(name) as delta:
-            specs = [spec for rec in delta.records.values() for spec in rec.part_specs()]
-            where = {
-                spec.key: f"{delta.file.path}: tensor {rec.name!r}"
-                for rec in delta.records.values()
-                for spec in rec.part_specs()
-            }
-            arrays = read_parts(delta.file, specs, where)
-            parts = {spec.key: from_storage(arrays.pop(spec.key), spec.dtype).to(dev) for spec in specs}
-            self._records[name] = delta.records
-            self.last_delta_bytes = self.member(name).delta.size
-        self.delta_cache.put(name, dev, parts)
-        return self._records[name], parts
+        with self._delta_parts(name, torch.device(device)) as (records, part, _):
+            parts = {spec.key: part(spec) for rec in records.values() for spec in rec.part_specs()}
+        return records, parts
 
     def materialize(
         self, name: str, out: str | os.PathLike[str], force: bool = False, max_shard_size: int | str | None = None

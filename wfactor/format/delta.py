@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import BackboneMismatchError, CodecError, FormatError, LimitError, VersionError
 from .constants import (
@@ -33,9 +34,14 @@ class DeltaFile:
     """A validated delta file. ``records`` is in file order; every part key it names exists."""
 
     def __init__(
-        self, path: Path, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, backbone_sha256: str | None
+        self,
+        path: Path,
+        base_shapes: dict[str, tuple[tuple[int, ...], str]] | None,
+        backbone_sha256: str | None,
+        opened: BinaryIO | None = None,
     ):
-        self.file = SafetensorsFile(path)
+        """``opened``: the file already open (and checked) at offset 0, owned from here on."""
+        self.file = SafetensorsFile(path, opened)
         try:
             self._parse(base_shapes, backbone_sha256)
         except BaseException:

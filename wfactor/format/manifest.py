@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import FormatError, IntegrityError, LimitError, NotFoundError, VersionError
 from .constants import (
@@ -24,7 +24,7 @@ from .constants import (
     SHARDED_FORMAT_VERSION,
 )
 from .safetensors_io import check_name, check_shape, loads_strict
-from .stamps import file_matches
+from .stamps import file_matches, open_file_matches
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -100,6 +100,28 @@ class FileRef:
                 f"{full}: sha256 {got[:16]}..., the manifest records {self.sha256[:16]}...; the family is damaged"
             )
         return full
+
+    def open_checked(self, root: Path, use_stamps: bool = True) -> tuple[Path, BinaryIO]:
+        """Like :meth:`check_digest`, on a file it opens and returns (at offset 0) for the caller to read: the
+        bytes checked and the bytes then read are the same file, whatever happens to its path meanwhile."""
+        full = self.check_size(root)
+        fh = open(full, "rb")
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            if size != self.size:
+                raise IntegrityError(
+                    f"{full}: size {size} bytes, the manifest records {self.size}; the family is damaged"
+                )
+            got = open_file_matches(fh, self.sha256, use_stamps)
+            if got != self.sha256:
+                raise IntegrityError(
+                    f"{full}: sha256 {got[:16]}..., the manifest records {self.sha256[:16]}...; the family is damaged"
+                )
+            fh.seek(0)
+        except BaseException:
+            fh.close()
+            raise
+        return full, fh
 
 
 @dataclass

@@ -9,7 +9,7 @@ the structure of floating-point data (exponents compress, low mantissa bytes do 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +114,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_UNKNOWN_SIZE = (1 << 64) - 1
 
 
-def decode_zstd_frame(frame: bytes, expected: int, where: str) -> bytes:
+def decode_zstd_frame(frame: bytes | memoryview, expected: int, where: str) -> bytes:
     """Decode exactly one zstd frame of exactly ``expected`` bytes (spec 4.3).
 
     The frame's declared content size is checked against ``expected`` before anything is decoded, and the
@@ -154,7 +154,7 @@ def read_part_array(spec: PartSpec, stored: np.ndarray, where: str) -> np.ndarra
     if spec.encoding == "bitplanes":
         planes = check_planes(spec, stored, where)
         return bitplanes.unpack(planes, bitplanes.matrix_view(spec.shape)[1]).reshape(spec.shape)
-    raw = decode_zstd_frame(stored.tobytes(), spec.nbytes, f"{where}: part {spec.key!r}")
+    raw = decode_zstd_frame(stored.data.cast("B"), spec.nbytes, f"{where}: part {spec.key!r}")
     if spec.encoding == "zstd_planes":
         raw = from_planes(raw, DTYPES[spec.dtype][1])
     return np.frombuffer(raw, dtype=DTYPES[spec.dtype][0]).reshape(spec.shape).copy()
@@ -178,6 +178,17 @@ def read_part(f: SafetensorsFile, spec: PartSpec, where: str) -> np.ndarray:
             )
     elif info.dtype != "U8" or len(info.shape) != 1:
         raise CodecError(f"{where}: compressed part {spec.key!r} must be stored as a 1-D U8 tensor")
+    else:  # a zstd frame: decoded straight from the file's mapping, no copy of the frame
+        err: BaseException
+        with f.view(spec.key) as frame:
+            try:
+                return read_part_array(spec, np.frombuffer(frame, dtype=np.uint8), where)
+            except BaseException as exc:
+                # raised without its traceback and context: their frames hold views of the mapping, which
+                # must be gone before the view is released (and the file closed)
+                err = exc.with_traceback(None)
+                err.__context__ = err.__cause__ = None
+        raise err
     return read_part_array(spec, f.numpy(spec.key), where)
 
 
@@ -202,24 +213,62 @@ def check_planes(spec: PartSpec, stored: np.ndarray, where: str) -> np.ndarray:
 
 
 def read_planes(f: SafetensorsFile, spec: PartSpec, where: str) -> np.ndarray:
-    """A ``bitplanes`` part's planes as stored (a private copy, checked), without unpacking them."""
+    """A ``bitplanes`` part's planes as stored, checked, without unpacking them or copying them: a private
+    copy-on-write mapping of the file (page cache, shared with every process that maps the same file; a write
+    to the array never reaches the file), see ``SafetensorsFile.mapped``."""
     if spec.key not in f.tensors:
         raise CodecError(f"{where}: part {spec.key!r} is not in the file")
-    return check_planes(spec, f.numpy(spec.key), where)
+    return check_planes(spec, f.mapped(spec.key), where)
 
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
+PARALLEL_MIN_BYTES = 1 << 20  # decoded bytes below which a file's parts decode on the calling thread
+
+
+class PartReader:
+    """Reads and decodes parts of one file on a few threads (zstd and numpy release the GIL), submitted in the
+    order given, while the caller takes them with :meth:`get`: a caller that takes them in that order works on
+    part k while parts k+1... decode. A part's decoding raises from ``get`` (prefixed with ``where[key]``);
+    results do not depend on the number of threads. Use as a context manager: leaving it cancels what has not
+    started and waits for the rest."""
+
+    def __init__(
+        self, f: SafetensorsFile, specs: list[PartSpec], where: dict[str, str], threads: int | None = None
+    ) -> None:
+        self._f, self._where = f, where
+        self._specs = {s.key: s for s in specs}
+        n = DECODE_THREADS if threads is None else threads
+        worth = len(specs) > 1 and sum(s.nbytes for s in specs) >= PARALLEL_MIN_BYTES  # else threads cost more
+        self._pool = ThreadPoolExecutor(n) if n > 1 and worth else None
+        self._futures: dict[str, Future[np.ndarray]] = {}
+        if self._pool is not None:
+            if f.size:
+                f._map()  # the file's one mapping, made before the threads share it
+            for s in specs:
+                self._futures[s.key] = self._pool.submit(read_part, f, s, where[s.key])
+
+    def get(self, key: str) -> np.ndarray:
+        """Part ``key`` decoded (each part once: a second get of the same key decodes it again)."""
+        fut = self._futures.pop(key, None)
+        if fut is not None:
+            return fut.result()
+        return read_part(self._f, self._specs[key], self._where[key])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._futures.clear()
+
+    def __enter__(self) -> PartReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_parts(f: SafetensorsFile, specs: list[PartSpec], where: dict[str, str]) -> dict[str, np.ndarray]:
-    """Read and decode several parts of one file, largest first on a few threads (zstd and numpy release the
-    GIL, so a delta's parts decode in parallel); {key: array}. ``where[key]`` prefixes error messages. The
-    result does not depend on the number of threads; the first error (in ``specs`` order) is raised."""
-    if len(specs) <= 1 or DECODE_THREADS <= 1:
-        return {s.key: read_part(f, s, where[s.key]) for s in specs}
-    order = sorted(range(len(specs)), key=lambda i: -specs[i].nbytes)
-    if f.size:
-        f._map()  # the file's one mapping, made before the threads share it
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        futures = {i: pool.submit(read_part, f, specs[i], where[specs[i].key]) for i in order}
-        return {specs[i].key: futures[i].result() for i in range(len(specs))}
+    """Read and decode several parts of one file, largest first on a few threads; {key: array}. ``where[key]``
+    prefixes error messages. The first error (in ``specs`` order) is raised."""
+    with PartReader(f, sorted(specs, key=lambda s: -s.nbytes), where) as reader:
+        return {s.key: reader.get(s.key) for s in specs}

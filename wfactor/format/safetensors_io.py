@@ -6,6 +6,7 @@ spec/FORMAT.md section 7 are enforced in one place, before anything is allocated
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mmap
@@ -102,14 +103,19 @@ def check_name(
 class SafetensorsFile:
     """A validated, memory-mapped safetensors file. Use as a context manager or call close()."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], opened: BinaryIO | None = None) -> None:
+        """``opened``: the file already open (e.g. just checked against its digest), at offset 0; it is owned
+        from here on (closed with this object). Else ``path`` is opened."""
         self.path = Path(path)
-        try:
-            self._fh: BinaryIO = open(self.path, "rb")
-        except FileNotFoundError:
-            raise NotFoundError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise NotSafetensorsError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        if opened is not None:
+            self._fh: BinaryIO = opened
+        else:
+            try:
+                self._fh = open(self.path, "rb")
+            except FileNotFoundError:
+                raise NotFoundError(f"{self.path}: no such file") from None
+            except IsADirectoryError:
+                raise NotSafetensorsError(f"{self.path}: is a directory, expected a .safetensors file") from None
         try:
             self._parse()
         except BaseException:
@@ -197,6 +203,13 @@ class SafetensorsFile:
         assert self._mm is not None
         return self._mm
 
+    def prefetch(self) -> None:
+        """Ask the kernel to start reading the whole file into the page cache now, in large requests (a file
+        about to be read whole: its parts then come from memory, not one page fault at a time)."""
+        if self.size and hasattr(mmap, "MADV_WILLNEED"):
+            with contextlib.suppress(OSError):
+                self._map().madvise(mmap.MADV_WILLNEED)
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
@@ -210,6 +223,19 @@ class SafetensorsFile:
             return b""
         mm = self._map()
         return mm[self.data_start + info.begin : self.data_start + info.end]
+
+    @contextlib.contextmanager
+    def view(self, name: str) -> Iterator[memoryview]:
+        """One tensor's bytes as a read-only view of the file's mapping, no copy; valid inside the ``with``."""
+        info = self.info(name)
+        if info.nbytes == 0:
+            yield memoryview(b"")
+            return
+        mv = memoryview(self._map())[self.data_start + info.begin : self.data_start + info.end]
+        try:
+            yield mv
+        finally:
+            mv.release()
 
     def numpy(self, name: str) -> np.ndarray:
         """A writable copy of one tensor as numpy (BF16 comes back as uint16 bit patterns)."""

@@ -25,8 +25,11 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from ..errors import IntegrityError
 
 CACHE_ENV = "WFACTOR_CACHE"
 VERIFY_ENV = "WFACTOR_VERIFY"
@@ -110,21 +113,76 @@ def forget_memo() -> None:
         _memo.clear()
 
 
-def hash_open_file(fh: Any, chunk: int = 8 << 20) -> str:
+READ_CHUNK = 8 << 20
+
+
+def read_exact(fh: Any, view: memoryview, hasher: Any = None, path: str = "file", offset: int = 0) -> None:
+    """Fill ``view`` from ``fh``'s current position with large sequential reads. ``hasher`` (if given) is fed
+    the same bytes in order; chunk k is hashed on a second thread while chunk k+1 is read (both release the
+    GIL), so a file that is checked costs max(read, hash), not their sum. ``offset``: where ``view`` starts in
+    the file, for the message when the file ends too early (error ``integrity``)."""
+    total, pos = len(view), 0
+    pending: Future[None] | None = None
+    pool = ThreadPoolExecutor(1) if hasher is not None and total > READ_CHUNK else None
+    try:
+        while pos < total:
+            n = fh.readinto(view[pos : min(total, pos + READ_CHUNK)])
+            if not n:
+                raise IntegrityError(f"{path}: ended after {offset + pos} bytes, expected {offset + total}")
+            if hasher is not None:
+                if pool is None:
+                    hasher.update(view[pos : pos + n])
+                else:
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(hasher.update, view[pos : pos + n])
+            pos += n
+        if pending is not None:
+            pending.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def hash_open_file(fh: Any, chunk: int = READ_CHUNK) -> str:
+    """SHA-256 of the rest of the open file ``fh``; reading chunk k+1 overlaps hashing chunk k (two buffers)."""
     h = hashlib.sha256()
-    while block := fh.read(chunk):
-        h.update(block)
+    try:
+        left = max(0, os.fstat(fh.fileno()).st_size - fh.tell())
+    except (OSError, AttributeError, ValueError):
+        left = chunk
+    size = max(1, min(chunk, left))
+    bufs = [bytearray(size), bytearray(size)]
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(1) as pool:
+        k = 0
+        while True:
+            view = memoryview(bufs[k % 2])
+            n = fh.readinto(view)
+            if pending is not None:
+                pending.result()  # chunk k - 1 hashed: its buffer is free for chunk k + 1
+            if not n:
+                break
+            pending = pool.submit(h.update, view[:n])
+            k += 1
     return h.hexdigest()
 
 
+def open_file_matches(fh: Any, sha256: str, use_stamps: bool = True) -> str:
+    """The SHA-256 of the open file ``fh`` (from its start): ``sha256`` itself when a stamp vouches for it
+    (nothing read), else hashed (and a stamp recorded when it matches). The caller compares the result with
+    what it expects, then may read the same open file: what it reads is what was checked (the same inode)."""
+    before = os.fstat(fh.fileno())
+    if use_stamps and trusted(before, sha256):
+        return sha256
+    fh.seek(0)
+    got = hash_open_file(fh)
+    if got == sha256:  # a full check (verify) leaves a stamp too
+        remember(before, os.fstat(fh.fileno()), sha256)
+    return got
+
+
 def file_matches(path: Path, sha256: str, use_stamps: bool = True) -> str:
-    """The file's SHA-256: ``sha256`` itself when a stamp vouches for it (nothing read), else hashed (and a
-    stamp recorded when it matches). The caller compares the result with what it expects."""
+    """:func:`open_file_matches` on the file at ``path``."""
     with open(path, "rb") as fh:
-        before = os.fstat(fh.fileno())
-        if use_stamps and trusted(before, sha256):
-            return sha256
-        got = hash_open_file(fh)
-        if got == sha256:  # a full check (verify) leaves a stamp too
-            remember(before, os.fstat(fh.fileno()), sha256)
-        return got
+        return open_file_matches(fh, sha256, use_stamps)

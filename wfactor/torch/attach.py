@@ -22,7 +22,8 @@ from ..family import Family
 from ..format.delta import DeltaFile
 from ..format.parts import read_parts, read_planes
 from ..format.records import Record
-from ..tensors import TORCH_DTYPES, from_storage
+from ..loader import to_device
+from ..tensors import TORCH_DTYPES
 from .layers import FactoredEmbedding, FactoredLinear, unpack_codes
 
 
@@ -97,12 +98,12 @@ def lowrank_factors(
             codes_spec = term.parts.get("codes")
             if term.codec == "quant" and codes_spec is not None and codes_spec.key in planes:
                 scales_spec = term.parts["scales"]
-                f.planes = torch.from_numpy(planes.pop(codes_spec.key)).to(base.device)
-                f.scales = from_storage(arrays.pop(scales_spec.key), scales_spec.dtype).to(base.device)
+                f.planes = to_device(planes.pop(codes_spec.key), "U8", base.device)
+                f.scales = to_device(arrays.pop(scales_spec.key), scales_spec.dtype, base.device)
                 f.scales = f.scales.reshape(rec.shape[0])
                 continue
             parts = {
-                role: from_storage(arrays.pop(spec.key), spec.dtype).to(base.device)
+                role: to_device(arrays.pop(spec.key), spec.dtype, base.device)
                 for role, spec in term.parts.items()
             }
             if term.codec == "lowrank":
@@ -208,6 +209,7 @@ def attach(
     family.backbone(dev)  # fill the cache first, so identical tensors are the cached ones
     loaded: dict[str, torch.Tensor] = {}
     with family.open_delta(name) as delta:  # one digest check for both passes
+        delta.file.prefetch()
         found = lowrank_factors(family, name, dev, {ns + c for c in candidates}, delta) if candidates else {}
         factors = {k[len(ns) :]: v for k, v in found.items()}
         # -- load everything else (backbone-identical tensors come back as the backbone's own) ---------
