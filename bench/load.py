@@ -334,8 +334,8 @@ def main() -> None:
         "(`state_dict`). (c') a second `state_dict` of the same member: its parts come from the byte-bounded "
         "LRU. (d) `wfactor.torch.attach` on a module built beforehand on the meta device, backbone resident: "
         "low-rank and k-bit deltas stay factored. (d') the same on the family written with `factor --fast-load`: "
-        "k-bit codes stored as bit planes, which attach keeps as they are (no decoding; on CPU "
-        "copy-on-write mappings of the delta file). (f) is not a load: new memory for the tensors (c) writes "
+        "k-bit codes stored as bit planes, which attach keeps as they are (no decoding). "
+        "(f) is not a load: new memory for the tensors (c) writes "
         "(those not the backbone's own), allocated and filled once: the floor under (c) on this machine. "
         "Goals (issue 4): (c) <= 0.3 x (a), (b) <= 1.2 x (a). First, "
         "the files in the page cache (what a loader costs once the bytes are in memory):",

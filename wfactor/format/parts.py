@@ -213,12 +213,11 @@ def check_planes(spec: PartSpec, stored: np.ndarray, where: str) -> np.ndarray:
 
 
 def read_planes(f: SafetensorsFile, spec: PartSpec, where: str) -> np.ndarray:
-    """A ``bitplanes`` part's planes as stored, checked, without unpacking them or copying them: a private
-    copy-on-write mapping of the file (page cache, shared with every process that maps the same file; a write
-    to the array never reaches the file), see ``SafetensorsFile.mapped``."""
+    """A ``bitplanes`` part's planes as stored (a private copy, checked), without unpacking them. A copy, not
+    a mapping of the file: what a server holds must not change, or fault, if the file is later rewritten."""
     if spec.key not in f.tensors:
         raise CodecError(f"{where}: part {spec.key!r} is not in the file")
-    return check_planes(spec, f.mapped(spec.key), where)
+    return check_planes(spec, f.numpy(spec.key), where)
 
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
