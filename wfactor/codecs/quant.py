@@ -20,6 +20,14 @@ def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+def codes_in_range(codes: torch.Tensor, bits: int) -> bool:
+    """Whether every code lies in +-qmax(bits), the range of ``bits``-bit codes (one pass over the codes)."""
+    if not codes.numel():
+        return True
+    lo, hi = torch.aminmax(codes)
+    return -qmax(bits) <= int(lo) and int(hi) <= qmax(bits)
+
+
 def quantize(delta: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = rows_cols(tuple(delta.shape))
     d2 = delta.reshape(m, n).to(torch.float32)
@@ -73,7 +81,6 @@ def decode(
     parts: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...], cdtype: torch.dtype
 ) -> torch.Tensor:
     codes = parts["codes"]
-    q = qmax(int(params["bits"]))
-    if codes.numel() and max(-int(codes.min()), int(codes.max())) > q:
-        raise CodecError(f"quant codes exceed +-{q}, the range of {params['bits']} bits")
+    if not codes_in_range(codes, int(params["bits"])):
+        raise CodecError(f"quant codes exceed +-{qmax(int(params['bits']))}, the range of {params['bits']} bits")
     return dequantize(codes, parts["scales"], cdtype).reshape(shape)

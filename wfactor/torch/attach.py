@@ -110,10 +110,11 @@ def lowrank_factors(
                 f.u, f.v = parts["u"].to(base.dtype), parts["v"].to(base.dtype)
             else:  # quant: int8 codes (checked against their bits), one float32 scale per row
                 bits = int(term.params["bits"])
-                codes, q = parts["codes"].reshape(rec.shape), quant.qmax(bits)
-                if codes.numel() and max(-int(codes.min()), int(codes.max())) > q:
+                codes = parts["codes"].reshape(rec.shape)
+                if not quant.codes_in_range(codes, bits):
                     raise CodecError(
-                        f"{where[term.parts['codes'].key]}: quant codes exceed +-{q}, the range of {bits} bits"
+                        f"{where[term.parts['codes'].key]}: quant codes exceed +-{quant.qmax(bits)}, "
+                        f"the range of {bits} bits"
                     )
                 f.codes, f.scales, f.bits = codes, parts["scales"].reshape(rec.shape[0]), bits
         out[rec.name] = f

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..codecs.quant import codes_in_range
 from ..format import bitplanes
 
 
@@ -26,7 +27,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     a gather of rows works on the packed form. On CPU numpy does the work; elsewhere torch ops on the device
     (same bytes)."""
     q = (1 << (bits - 1)) - 1
-    if codes.numel() and (int(codes.min()) < -q or int(codes.max()) > q):
+    if not codes_in_range(codes, bits):
         raise ValueError(f"codes exceed +-{q}, the range of {bits} bits")
     if codes.device.type == "cpu":
         return torch.from_numpy(bitplanes.pack(codes.numpy(), bits))
