@@ -248,10 +248,24 @@ class Family:
         def load(spec: PartSpec) -> torch.Tensor:
             return to_device(read_part(delta.file, spec, where), spec.dtype, torch.device(device))
 
+        return self._reconstruct(rec, base, load, device, str(delta.file.path), rec.name)
+
+    @staticmethod
+    def _reconstruct(
+        rec: Record,
+        base: torch.Tensor | None,
+        load: Callable[[PartSpec], torch.Tensor],
+        device: str | torch.device,
+        path: str,
+        name: str,
+    ) -> torch.Tensor:
+        """``reconstruct`` with every error in one line that names the delta file ``path`` and tensor ``name``
+        (a part's decoding names them already; a decode-time check, such as sparse indices, does not)."""
+        where = f"{path}: tensor {name!r}"
         try:
             return reconstruct(rec, base, load, device)
         except WfactorError as exc:
-            if str(delta.file.path) in exc.message:
+            if exc.message.startswith(path):
                 raise
             raise type(exc)(f"{where}: {exc.message}") from None
         except (MemoryError, RuntimeError) as exc:
@@ -284,17 +298,7 @@ class Family:
                 rec = records[meta.name]
                 src = records[rec.same_as] if rec.same_as is not None else rec
                 base = self._base_tensor(src.base, dev) if src.base is not None else None
-                where = f"{delta_path}: tensor {meta.name!r}"
-                try:
-                    t = reconstruct(src, base, part, dev)
-                except WfactorError as exc:  # a part's decoding, or a decode-time check (sparse indices, ...)
-                    if exc.message.startswith(delta_path):
-                        raise
-                    raise type(exc)(f"{where}: {exc.message}") from None
-                except (MemoryError, RuntimeError) as exc:
-                    if not is_allocation_failure(exc):
-                        raise
-                    raise out_of_memory(where, src, dev) from None
+                t = self._reconstruct(src, base, part, dev, delta_path, meta.name)
                 if copy and base is not None and t.data_ptr() == base.data_ptr():
                     t = t.clone()
                 if dtype is not None and t.is_floating_point():
