@@ -84,9 +84,13 @@ def unpack(planes: np.ndarray, n: int) -> np.ndarray:
     lead = planes.shape[1:-1]
     if planes[0].size == 0 or n == 0:
         return np.zeros((*lead, n), dtype=np.int8)
-    acc = np.zeros(planes.shape[1:], dtype="<u8")
-    for k in range(bits):
-        acc |= _BITS64[planes[k]] << np.uint64(k)
+    # two buffers for the whole call (a plane's lookup, the sum), not three temporaries per plane
+    acc = np.take(_BITS64, planes[0], mode="clip")
+    tmp = np.empty_like(acc)
+    for k in range(1, bits):
+        np.take(_BITS64, planes[k], out=tmp, mode="clip")  # a byte indexes all 256 entries: clip never clips
+        np.left_shift(tmp, np.uint64(k), out=tmp)
+        np.bitwise_or(acc, tmp, out=acc)
     values = acc.view(np.int8).reshape(*lead, -1)[..., :n]
     np.subtract(values, np.int8(q), out=values)  # u - q modulo 256 in int8: exact, the result is within +-127
     return values
