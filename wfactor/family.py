@@ -25,7 +25,7 @@ from .format import stamps
 from .format.atomic import staged_files
 from .format.constants import DTYPES, META_KIND, META_VERSION
 from .format.delta import DeltaFile, check_version
-from .format.manifest import Manifest, MemberEntry, read_manifest, resolve_inside, shard_list_bytes
+from .format.manifest import Manifest, MemberEntry, read_manifest, shard_list_bytes
 from .format.parts import PartReader, PartSpec, read_part
 from .format.records import Record
 from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
@@ -134,8 +134,7 @@ class Family:
         """The member's delta, its sha256 checked (see ``stamps``) on the very open file it is then parsed and
         read from, and its backbone digest matched to this family's backbone."""
         entry = self.member(name)
-        path = resolve_inside(self.root, entry.delta.path, "delta")
-        _, fh = entry.delta.open_checked(self.root, use_stamps)
+        path, fh = entry.delta.open_checked(self.root, use_stamps)
         delta = DeltaFile(path, self._base_shapes, self.manifest.backbone.sha256, fh)
         if delta.version > self.manifest.format_version:
             delta.close()

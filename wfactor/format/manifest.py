@@ -24,7 +24,7 @@ from .constants import (
     SHARDED_FORMAT_VERSION,
 )
 from .safetensors_io import check_name, check_shape, loads_strict
-from .stamps import file_matches, open_file_matches
+from .stamps import open_file_matches
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -86,19 +86,18 @@ class FileRef:
             size = full.stat().st_size
         except FileNotFoundError:
             raise NotFoundError(f"{full}: missing from the family (listed in {MANIFEST_NAME})") from None
+        self._check_size_is(full, size)
+        return full
+
+    def _check_size_is(self, full: Path, size: int) -> None:
         if size != self.size:
             raise IntegrityError(f"{full}: size {size} bytes, the manifest records {self.size}; the family is damaged")
-        return full
 
     def check_digest(self, root: Path, use_stamps: bool = True) -> Path:
         """Size and SHA-256 (spec 9). With ``use_stamps``, a file verified before and unchanged since is not
         hashed again (``stamps``); ``verify`` passes False and hashes every byte."""
-        full = self.check_size(root)
-        got = file_matches(full, self.sha256, use_stamps)
-        if got != self.sha256:
-            raise IntegrityError(
-                f"{full}: sha256 {got[:16]}..., the manifest records {self.sha256[:16]}...; the family is damaged"
-            )
+        full, fh = self.open_checked(root, use_stamps)
+        fh.close()
         return full
 
     def open_checked(self, root: Path, use_stamps: bool = True) -> tuple[Path, BinaryIO]:
@@ -107,11 +106,7 @@ class FileRef:
         full = self.check_size(root)
         fh = open(full, "rb")
         try:
-            size = os.fstat(fh.fileno()).st_size
-            if size != self.size:
-                raise IntegrityError(
-                    f"{full}: size {size} bytes, the manifest records {self.size}; the family is damaged"
-                )
+            self._check_size_is(full, os.fstat(fh.fileno()).st_size)
             got = open_file_matches(fh, self.sha256, use_stamps)
             if got != self.sha256:
                 raise IntegrityError(
