@@ -14,6 +14,7 @@ from conftest import FAMILY, MEMBERS, RELATED, invoke, member_args, one_line_err
 from safetensors.torch import save_file
 
 from wfactor import analyze as analyze_mod
+from wfactor import drift as drift_mod
 from wfactor.analyze import AnalysisReport, analyze, effective_rank, group_of
 from wfactor.errors import InputError, NotFoundError
 
@@ -182,13 +183,13 @@ def test_effective_rank_exact_and_randomised(monkeypatch: pytest.MonkeyPatch) ->
     assert exact_low == 7 and 50 < exact_noise < 100
     assert effective_rank(torch.zeros(5, 5)) == 0
     # force the randomised path on small matrices: widths 4, 8, 16, 32 (up to half the smaller dimension)
-    monkeypatch.setattr(analyze_mod, "FULL_SVD_MAX_DIM", 16)
-    monkeypatch.setattr(analyze_mod, "_RANDOM_SVD_START", 4)
+    monkeypatch.setattr(drift_mod, "FULL_SVD_MAX_DIM", 16)
+    monkeypatch.setattr(drift_mod, "_RANDOM_SVD_START", 4)
     qr_calls = []
     real_qr = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda a: qr_calls.append(a.shape) or real_qr(a))
     assert effective_rank(low) == 7
-    assert qr_calls and max(s[1] for s in qr_calls) == 8 + analyze_mod._RANDOM_SVD_OVERSAMPLE
+    assert qr_calls and max(s[1] for s in qr_calls) == 8 + drift_mod._RANDOM_SVD_OVERSAMPLE
     assert effective_rank(noise) == exact_noise  # beyond the randomised widths: exact fallback
     assert effective_rank(low) == effective_rank(low)  # fixed seed
 
@@ -211,7 +212,7 @@ def test_group_of(name: str, group: str) -> None:
 
 
 def check_documented_json(doc: dict[str, Any]) -> None:
-    """The keys and types spec/ANALYZE.md section 6 documents."""
+    """The keys and types spec/ANALYZE.md section 7 documents."""
     assert doc["analysis_version"] == 1
     assert list(doc)[:7] == [
         "analysis_version",
@@ -253,6 +254,7 @@ def check_documented_json(doc: dict[str, Any]) -> None:
     }
     tensor_keys = [
         "name",
+        "base",
         "group",
         "status",
         "identical",
@@ -278,10 +280,28 @@ def check_documented_json(doc: dict[str, Any]) -> None:
             "shares_nothing",
             "summary",
             "components",
+            "alignment",
             "groups",
             "tensors",
         ]
         assert m["components"] == []  # pipelines only (tests/test_pipelines.py)
+        al = m["alignment"]  # spec/ANALYZE.md section 4; the fixture family shares the base's names
+        assert list(al) == [
+            "rules",
+            "aligned_tensors",
+            "aligned_bytes",
+            "aligned_share",
+            "by_content",
+            "by_content_bytes",
+            "member_only_tensors",
+            "member_only_bytes",
+            "member_only",
+        ]
+        assert [(r["from"], r["to"], r["origin"]) for r in al["rules"]] == [("", "", "identity")]
+        assert al["rules"][0]["accepted"] == m["related"] and al["by_content"] == 0
+        for t in m["tensors"]:
+            named = t["name"] if t["status"] not in ("only_in_member", "only_in_base") else None
+            assert t["base"] == named, t
         assert isinstance(m["name"], str) and isinstance(m["related"], bool) and isinstance(m["reason"], str)
         assert set(m["summary"]) == summary_keys
         for g in m["groups"]:

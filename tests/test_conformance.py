@@ -76,7 +76,7 @@ def test_cases_index() -> None:
         assert c["rule"] and c["section"] and c["member"] == "m", c
         if c["file"]:
             assert os.path.lexists(INVALID / c["family"] / c["file"]), c
-    assert [c["name"] for c in CASES if c["code"] is None] == ["valid", "valid_bitplanes"]
+    assert [c["name"] for c in CASES if c["code"] is None] == ["valid", "valid_bitplanes", "valid_towers"]
     # every error code a file can provoke has a case
     assert {c["code"] for c in CASES} >= {
         "not_safetensors", "format", "limit", "version", "codec", "integrity", "backbone_mismatch", "not_found"
@@ -149,7 +149,7 @@ def _as_numpy(t: Any) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("control", ["valid", "valid_bitplanes"])
+@pytest.mark.parametrize("control", ["valid", "valid_bitplanes", "valid_towers"])
 def test_control_case_is_rebuilt_identically(control: str) -> None:
     import wfactor
 
@@ -172,8 +172,12 @@ def test_control_case_is_rebuilt_identically(control: str) -> None:
     assert codecs == {"dense", "lowrank", "sparse", "quant"}
     encodings = {p["encoding"] for r in records.values() for t in r["terms"] for p in t["parts"].values()}
     # the bit-plane control stores the quant codes, its only zstd part, as planes
-    want = {"raw", "zstd", "zstd_planes"} if control == "valid" else {"raw", "zstd_planes", "bitplanes"}
+    want = {"raw", "zstd_planes", "bitplanes"} if control == "valid_bitplanes" else {"raw", "zstd", "zstd_planes"}
     assert encodings == want
+    if control == "valid_towers":  # every name differs from its base's: the records' base names are followed
+        assert all(name.startswith("lm.") for name in records)
+        assert all(r["base"] is None or r["base"].startswith(("text/", "vision/")) for r in records.values())
+        assert {n.split("/")[0] for n in ref.backbone().entries} == {"text", "vision"}
     assert any(r.get("same_as") for r in records.values()) and any(r.get("residual") for r in records.values())
 
 

@@ -150,7 +150,15 @@ def copy_family(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_flipped_byte_anywhere_is_caught_before_a_tensor_is_returned(lossless_family: Path, tmp_path: Path) -> None:
+def test_flipped_byte_anywhere_is_caught_before_a_tensor_is_returned(
+    lossless_family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wfactor.family as fmod
+    from wfactor.loader import BackboneRegistry
+
+    # a registry of its own: state_dict keeps backbones resident, and a backbone of this digest that another
+    # test's Family holds would be shared (verified when it was loaded) instead of read from the damaged copy
+    monkeypatch.setattr(fmod, "BACKBONES", BackboneRegistry())
     for i, rel in enumerate(["backbone.safetensors", "deltas/full_ft.safetensors"]):
         fam_dir = copy_family(lossless_family, tmp_path / f"f{i}")
         p = fam_dir / rel

@@ -11,155 +11,36 @@ float64 statistics run over chunks of them. Nothing here renders; the CLI does (
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from . import __version__
+from .align import Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
+from .drift import (  # noqa: F401  (re-exported: the drift figures are part of this module's API)
+    FULL_SVD_MAX_DIM,
+    RANDOM_SVD_SEED,
+    RANK_ENERGY,
+    RELATED_MAX_DRIFT,
+    RELATED_MIN_CLOSE_SHARE,
+    STATUSES,
+    GroupSummary,
+    MemberSummary,
+    Progress,
+    TensorAnalysis,
+    _num,
+    compare_tensor,
+    component_summaries,
+    effective_rank,
+    group_of,
+    natural_key,
+    summarize,
+    verdict,
+)
 from .errors import InputError
-from .format.records import Record, rows_cols
-from .reconstruct import predict
-from .sources import Source, open_source
-from .tensors import bits_view
+from .sources import Source, open_bases, open_source
 
 ANALYSIS_VERSION = 1
-# Verdict (spec/ANALYZE.md, "Verdict"): a member is related to the base when at least RELATED_MIN_CLOSE_SHARE
-# of its shared matrices, by bytes or by count, lie within RELATED_MAX_DRIFT of the base. Models trained from
-# different random initialisations are uncorrelated, so their drift is sqrt(1 + (|W|/|B|)^2) >= 1 (about
-# sqrt 2 at equal scale); fine-tunes measure well under 0.3.
-RELATED_MAX_DRIFT = 0.5
-RELATED_MIN_CLOSE_SHARE = 0.5
-RANK_ENERGY = 0.99
-# Effective rank: an exact SVD up to this smaller dimension, a randomised one (fixed seed) above it.
-FULL_SVD_MAX_DIM = 2048
-RANDOM_SVD_SEED = 0
-_RANDOM_SVD_START = 64
-_RANDOM_SVD_OVERSAMPLE = 16
-_RANDOM_SVD_POWER_ITERS = 2
-_RANDOM_SVD_MAX_K = 512
-_CHUNK = 1 << 23  # elements per float64 chunk (64 MiB)
-
-STATUSES = ("identical", "drift", "shape_changed", "dtype_changed", "only_in_member", "only_in_base")
-
-Progress = Callable[[str, int, int], None]
-
-
-# -- results ---------------------------------------------------------------------------------------------
-@dataclass
-class TensorAnalysis:
-    """One tensor of a member compared with the base tensor of the same name.
-
-    ``rel_drift``, ``cosine``, ``changed_fraction`` and ``rank99`` are None when nothing was compared (the
-    tensor is on one side only, or the two differ in their number of dimensions); ``rank99`` is also None
-    for 0-D and 1-D tensors, and when the analysis ran without ranks. With a shape mismatch they describe
-    the overlapping leading block, and ``note`` says so.
-    """
-
-    name: str
-    group: str
-    status: str
-    identical: bool
-    shape: list[int] | None
-    dtype: str | None
-    base_shape: list[int] | None
-    base_dtype: str | None
-    nbytes: int  # bytes of the member's tensor (of the base's for only_in_base)
-    compared: int = 0  # elements compared (the overlapping block)
-    rel_drift: float | None = None
-    cosine: float | None = None
-    rank99: int | None = None
-    changed_fraction: float | None = None
-    delta_norm: float | None = None
-    base_norm: float | None = None
-    note: str | None = None
-
-    @property
-    def is_matrix(self) -> bool:
-        return self.shape is not None and len(self.shape) >= 2
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "group": self.group,
-            "status": self.status,
-            "identical": self.identical,
-            "shape": self.shape,
-            "dtype": self.dtype,
-            "base_shape": self.base_shape,
-            "base_dtype": self.base_dtype,
-            "bytes": self.nbytes,
-            "rel_drift": _num(self.rel_drift),
-            "cosine": _num(self.cosine),
-            "rank99": self.rank99,
-            "changed_fraction": _num(self.changed_fraction),
-            "delta_norm": _num(self.delta_norm),
-            "base_norm": _num(self.base_norm),
-            "note": self.note,
-        }
-
-
-@dataclass
-class GroupSummary:
-    """A layer block (``layers.3``) or a top-level module (``embed_tokens``) of one member.
-
-    ``rel_drift`` is the mean rel_drift of the block's compared tensors weighted by their bytes (what the
-    heatmap shows); ``max_rel_drift`` its largest.
-    """
-
-    name: str
-    tensors: int = 0
-    compared: int = 0
-    identical: int = 0
-    nbytes: int = 0
-    rel_drift: float | None = None
-    max_rel_drift: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "tensors": self.tensors,
-            "compared": self.compared,
-            "identical": self.identical,
-            "bytes": self.nbytes,
-            "rel_drift": _num(self.rel_drift),
-            "max_rel_drift": _num(self.max_rel_drift),
-        }
-
-
-@dataclass
-class MemberSummary:
-    """Counts and drift statistics of one member against the base."""
-
-    tensors: int = 0  # tensors of the member
-    nbytes: int = 0  # bytes of the member
-    shared: int = 0  # tensor names the base also has
-    compared: int = 0  # shared tensors whose values were compared
-    identical: int = 0
-    identical_bytes: int = 0
-    drift: int = 0
-    shape_changed: int = 0
-    dtype_changed: int = 0
-    only_in_member: int = 0
-    only_in_base: int = 0
-    median_rel_drift: float | None = None  # over compared tensors, each counted once
-    max_rel_drift: float | None = None
-    max_rel_drift_tensor: str | None = None
-    weighted_rel_drift: float | None = None  # mean over compared tensors, weighted by bytes
-    # verdict inputs (spec/ANALYZE.md, "Verdict"): over the compared floating-point matrices (>= 2-D), or
-    # over all compared floating-point tensors when the member has no such matrix
-    verdict_basis: str = "matrices"
-    verdict_tensors: int = 0
-    verdict_median_drift: float | None = None  # byte-weighted median rel_drift
-    close_share_bytes: float | None = None  # share of their bytes with rel_drift < RELATED_MAX_DRIFT
-    close_share_count: float | None = None  # same, by count
-    identical_share_bytes: float | None = None  # share of their bytes bit-identical to the base
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: (_num(v) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -175,6 +56,7 @@ class MemberAnalysis:
     groups: list[GroupSummary]
     tensors: list[TensorAnalysis]
     components: list[GroupSummary] = field(default_factory=list)  # pipeline members only (spec/ANALYZE.md 3)
+    alignment: dict[str, Any] | None = None  # spec/ANALYZE.md 4: rules, coverage, member-only tensors
 
     def tensor(self, name: str) -> TensorAnalysis:
         for t in self.tensors:
@@ -197,6 +79,7 @@ class MemberAnalysis:
             "shares_nothing": self.shares_nothing,
             "summary": self.summary.to_json(),
             "components": [c.to_json() for c in self.components],
+            "alignment": self.alignment,
             "groups": [g.to_json() for g in self.groups],
             "tensors": [t.to_json() for t in self.tensors],
         }
@@ -247,432 +130,127 @@ class AnalysisReport:
         }
 
 
-def _num(x: float | None) -> float | None:
-    """A JSON-safe number: None when non-finite, else 7 significant digits (stable across BLAS builds)."""
-    if x is None or not math.isfinite(x):
-        return None
-    return float(f"{x:.7g}")
-
-
-# -- grouping --------------------------------------------------------------------------------------------
-def group_of(name: str) -> str:
-    """The layer block of a tensor name: the prefix up to and including its first numeric component after
-    the first (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``, ``blocks.12.attn.qkv`` ->
-    ``blocks.12``). Other tensors group by their module, the name without its last component
-    (``embed_tokens.weight`` -> ``embed_tokens``, ``model.norm.weight`` -> ``model.norm``); a one-component
-    name is its own group."""
-    parts = name.split(".")
-    for i in range(1, len(parts) - 1):
-        if parts[i].isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1]) if len(parts) > 1 else name
-
-
-def natural_key(s: str) -> tuple[Any, ...]:
-    """Sort key that puts ``layers.2`` before ``layers.10``."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s) if p != "")
-
-
-# -- per-tensor numbers ----------------------------------------------------------------------------------
-def _chunks(n: int) -> range:
-    return range(0, n, _CHUNK)
-
-
-def effective_rank(delta: torch.Tensor, energy: float = RANK_ENERGY, seed: int = RANDOM_SVD_SEED) -> int:
-    """Smallest r whose top-r singular values hold ``energy`` of ``delta``'s squared Frobenius norm.
-
-    ``delta`` is a 2-D float tensor. Exact (``svdvals``) when its smaller dimension is at most
-    FULL_SVD_MAX_DIM; above, a randomised range finder with a fixed seed and power iterations, widened
-    (64, 128, ... up to 512 + oversampling) until its leading values hold the energy, and exact past that.
-    The randomised values never exceed the true ones, so the randomised estimate can only overstate r.
-    """
-    total = float(torch.linalg.vector_norm(delta.to(torch.float64)) ** 2)
-    if total == 0.0:
-        return 0
-    m, n = delta.shape
-    small = min(m, n)
-    if small > FULL_SVD_MAX_DIM:
-        gen = torch.Generator().manual_seed(seed)
-        a = delta.to(torch.float32)
-        k = _RANDOM_SVD_START
-        while k <= min(_RANDOM_SVD_MAX_K, small // 2):
-            width = min(k + _RANDOM_SVD_OVERSAMPLE, small)
-            omega = torch.randn(n, width, generator=gen, dtype=torch.float32)
-            q = torch.linalg.qr(a @ omega).Q
-            for _ in range(_RANDOM_SVD_POWER_ITERS):
-                q = torch.linalg.qr(a.T @ q).Q
-                q = torch.linalg.qr(a @ q).Q
-            s = torch.linalg.svdvals(q.T @ a).to(torch.float64)
-            r = _rank_from(s, total, energy)
-            if r is not None and r <= k:
-                return r
-            k *= 2
-    s = torch.linalg.svdvals(delta.to(torch.float32)).to(torch.float64)
-    r = _rank_from(s, total, energy)
-    return r if r is not None else int(s.numel())
-
-
-def _rank_from(s: torch.Tensor, total: float, energy: float) -> int | None:
-    cum = torch.cumsum(s * s, 0)
-    hit = torch.nonzero(cum >= energy * total * (1 - 1e-9))
-    return int(hit[0, 0]) + 1 if hit.numel() else None
-
-
-def _overlap(a: torch.Size, b: torch.Size) -> tuple[tuple[slice, ...], str | None]:
-    """The overlapping leading block of two shapes of equal rank, and a note when it is not all of them."""
-    if tuple(a) == tuple(b):
-        return (), None
-    overlap = [min(x, y) for x, y in zip(a, b)]
-    note = f"shape {list(a)} vs base {list(b)}: compared the overlapping leading block {overlap}"
-    return tuple(slice(0, n) for n in overlap), note
-
-
-def compare_tensor(
-    name: str,
-    w: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    member_dtype: str,
-    base_dtype: str,
-    ranks: bool = True,
-    sample: int | None = None,
-) -> TensorAnalysis:
-    """Compare a member tensor ``w`` with its base tensor ``b`` (CPU tensors of their stored dtypes).
-
-    ``sample``: estimate drift, cosine and changed share from at most about that many evenly strided
-    elements (deterministic; ``compared`` says how many), as ``factor`` does for its relatedness verdict."""
-    shape, bshape = list(w.shape), list(b.shape)
-    status = "shape_changed" if shape != bshape else "dtype_changed" if member_dtype != base_dtype else "drift"
-    ta = TensorAnalysis(
-        name,
-        group_of(name),
-        status,
-        False,
-        shape,
-        member_dtype,
-        bshape,
-        base_dtype,
-        w.numel() * w.element_size(),
-    )
-    if w.dim() != b.dim():
-        ta.note = f"{w.dim()}-D vs {b.dim()}-D in the base: not compared"
-        return ta
-    # the base as the planner sees it: cast to the member's dtype, through the compute dtype, NaNs canonical
-    cast = predict(Record(name, tuple(w.shape), member_dtype, name), b, _no_parts, "cpu")
-    region, ta.note = _overlap(w.shape, b.shape)
-    wb, cb, bb = (x[region].contiguous() for x in (w, cast, b)) if region else (w, cast, b)
-    numel = wb.numel()
-    ta.compared = numel
-    if numel == 0:
-        ta.note = (ta.note + "; " if ta.note else "") + "no elements to compare"
-        return ta
-    wflat, cflat, bflat = wb.reshape(-1), cb.reshape(-1), bb.reshape(-1)
-    if sample is not None and numel > sample and not (ranks and w.dim() >= 2):
-        step = -(-numel // sample)
-        wflat, cflat, bflat = (x[::step].contiguous() for x in (wflat, cflat, bflat))
-        numel = ta.compared = wflat.numel()
-    wbits, cbits = bits_view(wflat), bits_view(cflat)
-    changed = 0
-    dd = ww = bn = wbdot = 0.0
-    need_delta = ranks and w.dim() >= 2
-    delta32 = torch.empty(numel, dtype=torch.float32) if need_delta else None
-    for i in _chunks(numel):
-        j = min(i + _CHUNK, numel)
-        changed += int(torch.count_nonzero(wbits[i:j] != cbits[i:j]))
-        wc = wflat[i:j].to(torch.float64)
-        bc = bflat[i:j].to(torch.float64)
-        dc = wc - bc
-        dd += float(torch.dot(dc, dc))
-        ww += float(torch.dot(wc, wc))
-        bn += float(torch.dot(bc, bc))
-        wbdot += float(torch.dot(wc, bc))
-        if delta32 is not None:
-            delta32[i:j] = dc.to(torch.float32)
-    ta.changed_fraction = changed / numel
-    ta.identical = changed == 0 and shape == bshape
-    if ta.identical and status == "drift":
-        ta.status = "identical"
-    ta.delta_norm, ta.base_norm = math.sqrt(dd), math.sqrt(bn)
-    if not all(math.isfinite(x) for x in (dd, ww, bn, wbdot)):
-        ta.note = (ta.note + "; " if ta.note else "") + "non-finite values (NaN or infinity): no drift, cosine or rank"
-        return ta
-    if bn > 0:
-        ta.rel_drift = math.sqrt(dd) / math.sqrt(bn)
-    elif dd == 0:
-        ta.rel_drift = 0.0
-    else:
-        ta.note = (ta.note + "; " if ta.note else "") + "base tensor is all zeros: no relative drift"
-    if ww > 0 and bn > 0:
-        ta.cosine = max(-1.0, min(1.0, wbdot / math.sqrt(ww * bn)))
-    if delta32 is not None:
-        rows, cols = rows_cols(tuple(wb.shape))
-        ta.rank99 = 0 if dd == 0 else effective_rank(delta32.reshape(rows, cols))
-    return ta
-
-
-def _no_parts(spec: Any) -> torch.Tensor:
-    raise AssertionError("a record without terms loads no parts")
-
-
-# -- summaries and verdict -------------------------------------------------------------------------------
-def _weighted_median(pairs: list[tuple[float, int]]) -> float | None:
-    pairs = sorted(pairs)
-    total = sum(w for _, w in pairs)
-    if not pairs or total <= 0:
-        return None
-    acc = 0
-    for value, weight in pairs:
-        acc += weight
-        if acc * 2 >= total:
-            return value
-    return pairs[-1][0]
-
-
-def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-
-
-def summarize(tensors: list[TensorAnalysis]) -> tuple[MemberSummary, list[GroupSummary]]:
-    s = MemberSummary()
-    groups: dict[str, GroupSummary] = {}
-    weighted: dict[str, list[float]] = {}
-    drifts: list[tuple[float, TensorAnalysis]] = []
-    for t in tensors:
-        if t.status == "only_in_base":
-            s.only_in_base += 1
-            continue
-        s.tensors += 1
-        s.nbytes += t.nbytes
-        g = groups.setdefault(t.group, GroupSummary(t.group))
-        g.tensors += 1
-        g.nbytes += t.nbytes
-        if t.status == "only_in_member":
-            s.only_in_member += 1
-            continue
-        s.shared += 1
-        setattr(s, t.status, getattr(s, t.status) + 1)
-        if t.identical:
-            s.identical_bytes += t.nbytes
-            g.identical += 1
-            if t.status != "identical":  # a dtype_changed tensor equal to the cast base
-                s.identical += 1
-        if t.rel_drift is None:
-            continue
-        s.compared += 1
-        g.compared += 1
-        drifts.append((t.rel_drift, t))
-        acc = weighted.setdefault(t.group, [0.0, 0.0])
-        acc[0] += t.rel_drift * t.nbytes
-        acc[1] += t.nbytes
-        g.max_rel_drift = t.rel_drift if g.max_rel_drift is None else max(g.max_rel_drift, t.rel_drift)
-    for name, (num, den) in weighted.items():
-        groups[name].rel_drift = num / den if den > 0 else groups[name].max_rel_drift
-    if drifts:
-        s.median_rel_drift = _median([d for d, _ in drifts])
-        worst = max(drifts, key=lambda p: p[0])
-        s.max_rel_drift, s.max_rel_drift_tensor = worst[0], worst[1].name
-        wsum = sum(t.nbytes for _, t in drifts)
-        s.weighted_rel_drift = sum(d * t.nbytes for d, t in drifts) / wsum if wsum else None
-    # verdict population: shared floating-point matrices (1-D/0-D ones when a model has no matrix)
-    pop = [t for _, t in drifts if t.is_matrix and _is_float(t)]
-    if not pop:
-        s.verdict_basis = "tensors"
-        pop = [t for _, t in drifts if _is_float(t)]
-    if pop:
-        weights = [(t.rel_drift or 0.0, t.compared * _itemsize(t)) for t in pop]
-        total = sum(w for _, w in weights)
-        s.verdict_tensors = len(pop)
-        s.verdict_median_drift = _weighted_median(weights)
-        close = [t for t in pop if (t.rel_drift or 0.0) < RELATED_MAX_DRIFT]
-        s.close_share_bytes = sum(t.compared * _itemsize(t) for t in close) / total if total else None
-        s.close_share_count = len(close) / len(pop)
-        s.identical_share_bytes = sum(t.compared * _itemsize(t) for t in pop if t.identical) / total if total else None
-    ordered = [groups[k] for k in sorted(groups, key=natural_key)]
-    return s, ordered
-
-
-def component_summaries(tensors: list[TensorAnalysis]) -> list[GroupSummary]:
-    """Per component of a pipeline (the ``<component>/`` namespace of its tensor names), the same figures as a
-    layer block: tensors, identical ones, bytes, byte-weighted mean and largest drift. Tensors only in the
-    base count in no component, as in blocks."""
-    comps: dict[str, GroupSummary] = {}
-    acc: dict[str, list[float]] = {}
-    for t in tensors:
-        if t.status == "only_in_base":
-            continue
-        c = comps.setdefault(t.name.split("/", 1)[0], GroupSummary(t.name.split("/", 1)[0]))
-        c.tensors += 1
-        c.nbytes += t.nbytes
-        if t.identical:
-            c.identical += 1
-        if t.rel_drift is None:
-            continue
-        c.compared += 1
-        a = acc.setdefault(c.name, [0.0, 0.0])
-        a[0] += t.rel_drift * t.nbytes
-        a[1] += t.nbytes
-        c.max_rel_drift = t.rel_drift if c.max_rel_drift is None else max(c.max_rel_drift, t.rel_drift)
-    for name, (num, den) in acc.items():
-        comps[name].rel_drift = num / den if den > 0 else comps[name].max_rel_drift
-    return [comps[k] for k in sorted(comps, key=natural_key)]
-
-
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-
-
-def _itemsize(t: TensorAnalysis) -> int:
-    return _ITEMSIZE.get(t.dtype or "", 1)
-
-
-def _is_float(t: TensorAnalysis) -> bool:
-    return t.dtype in ("F64", "F32", "F16", "BF16") and t.base_dtype in ("F64", "F32", "F16", "BF16")
-
-
-def verdict(s: MemberSummary, shares_nothing: bool) -> tuple[bool, str]:
-    """related / reason from a member's summary (the rule of spec/ANALYZE.md, "Verdict")."""
-    if shares_nothing:
-        return (
-            False,
-            "no tensor has both a name and a shape in common with the base: a different architecture",
-        )
-    if s.verdict_median_drift is None or s.close_share_bytes is None or s.close_share_count is None:
-        return False, "no floating-point tensor could be compared with the base"
-    by_bytes = s.close_share_bytes >= RELATED_MIN_CLOSE_SHARE
-    by_count = s.close_share_count >= RELATED_MIN_CLOSE_SHARE
-    figures = f"median drift {s.verdict_median_drift:.3g} over {s.verdict_tensors} shared {s.verdict_basis}"
-    close = f"{s.close_share_bytes:.0%} of their bytes"
-    if by_count and not by_bytes:
-        close += f" but {s.close_share_count:.0%} of them"
-    close += f" within {RELATED_MAX_DRIFT:g} of the base"
-    ident = s.identical_share_bytes or 0.0
-    if by_bytes or by_count:
-        kind = (
-            "mostly bit-identical to the base"
-            if ident >= 0.5
-            else "a fine-tune of the base"
-            if by_bytes
-            else "partly derived from the base"
-        )
-        extra = f", {ident:.0%} bit-identical" if ident > 0 else ""
-        return True, f"{kind}: {figures}, {close}{extra}"
-    return False, (
-        f"not derived from the base: {figures}, {close} (models from different random initialisations drift about 1.41)"
-    )
-
-
 # -- the analysis ----------------------------------------------------------------------------------------
 def analyze_member(
-    member: Source, base: Source, *, ranks: bool = True, progress: Progress | None = None, sample: int | None = None
+    member: Source,
+    base: Source,
+    *,
+    ranks: bool = True,
+    progress: Progress | None = None,
+    sample: int | None = None,
+    alignment: Alignment | None = None,
 ) -> MemberAnalysis:
     """Compare one opened member with the opened base, one tensor pair at a time (``sample``: see
-    ``compare_tensor``)."""
+    ``compare_tensor``). ``alignment`` (:func:`wfactor.align.align`) says which base tensor each member tensor
+    is compared with; without it, tensors are compared by name. A member tensor the alignment leaves out is
+    still compared with the base tensor of its name, if any, for information; the verdict is the alignment's
+    when it is more than same names."""
     tensors: list[TensorAnalysis] = []
     total = member.nbytes
     done = 0
-    member_names, base_names = member.keys(), base.keys()  # sorted lists
-    for key in member_names:
+    mapping = alignment.mapping if alignment is not None else {k: k for k in member.keys() if k in base}
+    for key in member.keys():
         info = member.info(key)
-        if key not in base:
-            tensors.append(
-                TensorAnalysis(
-                    key,
-                    group_of(key),
-                    "only_in_member",
-                    False,
-                    list(info.shape),
-                    info.dtype,
-                    None,
-                    None,
-                    info.nbytes,
-                )
+        bname = mapping.get(key, key if key in base else None)
+        if bname is None:
+            ta = TensorAnalysis(
+                key, group_of(key), "only_in_member", False, list(info.shape), info.dtype, None, None, info.nbytes
             )
         else:
-            binfo = base.info(key)
+            binfo = base.info(bname)
             w = member.tensor(key)
-            b = base.tensor(key)
-            tensors.append(
-                compare_tensor(
-                    key, w, b, member_dtype=info.dtype, base_dtype=binfo.dtype, ranks=ranks, sample=sample
-                )
-            )
+            b = base.tensor(bname)
+            ta = compare_tensor(key, w, b, member_dtype=info.dtype, base_dtype=binfo.dtype, ranks=ranks, sample=sample)
+            ta.base = bname
             del w, b
+        tensors.append(ta)
         done += info.nbytes
         if progress is not None:
             progress(member.name, done, total)
-    for key in base_names:
-        if key not in member:
+    used = {t.base for t in tensors if t.base is not None}
+    for key in base.keys():
+        if key not in used:
             binfo = base.info(key)
             tensors.append(
                 TensorAnalysis(
-                    key,
-                    group_of(key),
-                    "only_in_base",
-                    False,
-                    None,
-                    None,
-                    list(binfo.shape),
-                    binfo.dtype,
-                    binfo.nbytes,
+                    key, group_of(key), "only_in_base", False, None, None, list(binfo.shape), binfo.dtype, binfo.nbytes
                 )
             )
     summary, groups = summarize(tensors)
     shares_nothing = not any(t.shape is not None and t.shape == t.base_shape for t in tensors)
     related, reason = verdict(summary, shares_nothing)
+    if alignment is not None and not alignment.trivial:
+        related, reason = alignment.related, alignment.reason
     from .pipelines import PipelineSource
 
     pipeline = isinstance(member, PipelineSource) or isinstance(base, PipelineSource)
     comps = component_summaries(tensors) if pipeline else []
-    return MemberAnalysis(
+    out = MemberAnalysis(
         member.name, str(member.path), related, reason, shares_nothing, summary, groups, tensors, comps
     )
+    if alignment is not None:
+        out.alignment = alignment_json(alignment, tensors)
+    return out
+
+
+def alignment_json(alignment: Alignment, tensors: list[TensorAnalysis]) -> dict[str, Any]:
+    """The alignment of one member with, per rule, the drift of the blocks it aligned (spec/ANALYZE.md 4)."""
+    out = alignment.to_json()
+    by_name = {t.name: t for t in tensors if t.status != "only_in_base"}
+    for use, js in zip(alignment.rules, out["rules"]):
+        mine = [by_name[m] for m, via in alignment.via.items() if via == use.rule.label and m in by_name]
+        js["blocks"] = [g.to_json() for g in summarize(mine)[1]] if use.accepted else []
+    return out
 
 
 def analyze(
-    members: Sequence[str], base: str | None = None, *, ranks: bool = True, progress: Progress | None = None
+    members: Sequence[str],
+    base: str | Sequence[str] | None = None,
+    *,
+    ranks: bool = True,
+    progress: Progress | None = None,
+    maps: Sequence[str | Rule] = (),
+    infer: bool = True,
 ) -> AnalysisReport:
-    """Compare each ``[NAME=]PATH`` in ``members`` with ``base``, tensor by tensor.
+    """Compare each ``[NAME=]PATH`` in ``members`` with ``base``, tensor by tensor, after aligning each member
+    to the base (:mod:`wfactor.align`: same names, ``maps`` rules ``[MEMBER:]FROM=TO``, inferred prefix
+    rules, bit-identical content; ``infer=False`` skips the inferred ones).
 
-    Without ``base`` the first of ``members`` is the base and the others are analysed against it (this
-    command does not choose a base itself). ``ranks=False`` skips the effective ranks (the SVDs are the
-    slow part on large models). ``progress(member, bytes_done, bytes_total)`` is called after each tensor.
-    Raises a WfactorError (one-line message) for unusable inputs.
+    ``base`` is a path, or several ``NAME=PATH`` (one backbone with a tower per base). Without ``base`` the
+    first of ``members`` is the base and the others are analysed against it (this command does not choose a
+    base itself). ``ranks=False`` skips the effective ranks (the SVDs are the slow part on large models).
+    ``progress(member, bytes_done, bytes_total)`` is called after each tensor. Raises a WfactorError
+    (one-line message) for unusable inputs.
     """
     args = list(members)
-    if base is None:
+    if base is None or (not isinstance(base, str) and not base):
         if len(args) < 2:
             raise InputError("analyze needs a base: pass --base PATH, or at least two models (the first is the base)")
-        base_arg, args = args[0], args[1:]
+        base_args: list[str] = [args[0]]
+        args = args[1:]
     else:
-        base_arg = base
+        base_args = [base] if isinstance(base, str) else list(base)
         if not args:
             raise InputError("no members given: pass at least one [NAME=]PATH to compare with the base")
+    rules = [r if isinstance(r, Rule) else parse_map(r) for r in maps]
     opened: list[Source] = []
     try:
-        base_src = open_source(base_arg)
+        base_src, _origin = open_bases(base_args, name=None)
         opened.append(base_src)
         seen: set[str] = set()
+        peft_base = base_args[0] if len(base_args) == 1 else None
         for a in args:
-            src = open_source(a, base=base_arg)  # a PEFT adapter directory is base + adapter
+            src = open_source(a, base=peft_base)  # a PEFT adapter directory is base + adapter
             opened.append(src)
             if src.name in seen:
                 raise InputError(f"{a}: member name {src.name!r} is used twice; name members with NAME=PATH")
             seen.add(src.name)
-        models = [analyze_member(src, base_src, ranks=ranks, progress=progress) for src in opened[1:]]
+        check_rule_members(rules, [s.name for s in opened[1:]])
+        index = BackboneIndex(base_src, content=infer)
+        models = []
+        for src in opened[1:]:
+            al = align(src, index, rules_for(src.name, rules), infer=infer)
+            models.append(analyze_member(src, base_src, ranks=ranks, progress=progress, alignment=al))
         names = set(base_src.keys())
         for m in models:
             names.update(t.name for t in m.tensors)

@@ -154,6 +154,8 @@ def factor_table(rep: FactorReport) -> Table:
         codecs = ", ".join(f"{k} {v.tensors}" for k, v in sorted(m.codecs.items(), key=lambda kv: -kv[1].bytes))
         if not m.related:
             codecs = "[yellow]unrelated: stored whole[/] " + codecs
+        elif m.alignment is not None and not _trivial_alignment(m.alignment):
+            codecs += f"; [cyan]aligned {m.alignment['aligned_share']:.0%}[/]"
         t.add_row(
             m.name,
             human(m.original_bytes),
@@ -167,6 +169,7 @@ def factor_table(rep: FactorReport) -> Table:
     o = rep.backbone_origin
     label = {
         "base": "backbone (base)",
+        "bases": "backbone (" + " + ".join(str(b.get("name")) for b in o.get("bases", [])) + ")",
         "medoid": f"backbone (medoid: {o.get('member')})",
         "consensus": "backbone (consensus)",
     }.get(str(o.get("kind")), "backbone")
@@ -181,12 +184,56 @@ def factor_table(rep: FactorReport) -> Table:
         "",
     )
     tried = o.get("tried_bytes")
+    captions = []
     if isinstance(tried, dict) and len(tried) > 1:
-        t.caption = "backbone candidates tried (family bytes): " + ", ".join(
-            f"{k} {human(v)}" for k, v in tried.items()
+        captions.append(
+            "backbone candidates tried (family bytes): " + ", ".join(f"{k} {human(v)}" for k, v in tried.items())
         )
+    captions += [alignment_line(m.name, m.alignment) for m in rep.members if m.alignment is not None]
+    captions = [c for c in captions if c]
+    if captions:
+        t.caption = "\n".join(captions)
     return t
 
+
+def _trivial_alignment(al: dict[str, Any]) -> bool:
+    return al["by_content"] == 0 and all(r["from"] == r["to"] == "" for r in al["rules"] if r["accepted"])
+
+
+def alignment_line(name: str, al: dict[str, Any]) -> str:
+    """One line per member whose alignment is more than same names: the rules kept, coverage, member-only."""
+    if _trivial_alignment(al):
+        return ""
+    kept = [
+        f"{r['from'] or '(all)'} -> {r['to'] or '(root)'} ({r['tensors']} tensors)"
+        for r in al["rules"]
+        if r["accepted"]
+    ]
+    if al["by_content"]:
+        kept.append(f"{al['by_content']} by content")
+    rest = (
+        f"; member-only {al['member_only_tensors']} tensors ({human(al['member_only_bytes'])})"
+        if al["member_only_tensors"]
+        else ""
+    )
+    return f"{name}: aligned {al['aligned_share']:.0%} of its bytes by " + (", ".join(kept) or "nothing") + rest
+
+
+# --base and --map, shared by `factor` and `analyze`
+map_option = click.option(
+    "--map",
+    "maps",
+    multiple=True,
+    metavar="[MEMBER:]FROM=TO",
+    help="Align tensors FROM<rest> of a member (all members without MEMBER:) with backbone tensors TO<rest> "
+    "(repeatable; overrides inferred rules). Same names, prefix rules inferred from names and shapes, and "
+    "bit-identical tensors align without it.",
+)
+names_only_option = click.option(
+    "--names-only",
+    is_flag=True,
+    help="Align by same names and --map rules only: no inferred rules, no matching by content.",
+)
 
 # the per-tensor budget options, shared by `factor` and `add`
 lossless_option = click.option("--lossless", is_flag=True, help="Rebuild every tensor bit for bit.")
@@ -203,11 +250,14 @@ max_rel_error_option = click.option(
 @click.option(
     "--base",
     "base",
-    default=None,
-    metavar="PATH",
-    help="The base model; it becomes the backbone. Without it, the smaller of the medoid member and "
-    "the members' element-wise mean is chosen.",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="The base model; it becomes the backbone. Repeat as NAME=PATH for a backbone of several towers "
+    "(tensors named NAME/...). Without it, the smaller of the medoid member and the members' element-wise "
+    "mean is chosen.",
 )
+@map_option
+@names_only_option
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Family directory to write."
 )
@@ -246,7 +296,9 @@ max_rel_error_option = click.option(
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def factor(
     members: tuple[str, ...],
-    base: str,
+    base: tuple[str, ...],
+    maps: tuple[str, ...],
+    names_only: bool,
     output: Path,
     lossless: bool,
     max_rel_error: float,
@@ -270,6 +322,9 @@ def factor(
       wfactor factor chat=ckpt/chat code=ckpt/code --base ckpt/base -o family
       wfactor factor ft1.safetensors ft2.safetensors --base base.safetensors -o fam --lossless
       wfactor factor acme/chat-7b acme/code-7b@v2 --base acme/base-7b -o family --max-shard-size 5GB
+      wfactor factor chat=ckpt/chat vlm=ckpt/llava rerank=ckpt/rerank --base ckpt/llama -o family
+      wfactor factor vlm=ckpt/llava --base text=ckpt/llama --base vision=ckpt/siglip -o family
+      wfactor factor vlm=ckpt/vlm --base ckpt/llama --map vlm:lm.=model. -o family
     """
 
     def body() -> None:
@@ -280,13 +335,15 @@ def factor(
         with bar:
             rep = factor_family(
                 list(members),
-                base,
+                list(base) or None,
                 output,
                 budget,
                 force=force,
                 progress=update,
                 max_shard_size=max_shard_size,
                 fast_load=fast_load,
+                maps=list(maps),
+                infer=not names_only,
             )
         if as_json:
             emit_json(rep.to_json())
@@ -598,6 +655,39 @@ def analysis_tables(rep: Any) -> list[Any]:
     items.append(t)
     for m in rep.models:
         items.append(Text.assemble((f"{m.name}: ", "bold"), m.reason))
+    towers = [m for m in rep.models if m.alignment is not None and not _trivial_alignment(m.alignment)]
+    if towers:  # members that hold the base under other names: how they were aligned (spec/ANALYZE.md 4)
+        at = Table(title="alignment: member tensors FROM<rest> compared with base tensors TO<rest>")
+        for col in ("member", "FROM", "TO", "rule", "kept", "tensors", "bytes", "median drift"):
+            at.add_column(col, justify="right" if col in ("tensors", "bytes", "median drift") else "left")
+        for m in towers:
+            al = m.alignment
+            for r in al["rules"]:
+                at.add_row(
+                    m.name,
+                    r["from"] or "(all)",
+                    r["to"] or "(root)",
+                    r["origin"],
+                    "[green]yes[/]" if r["accepted"] else "[red]no[/]",
+                    str(r["tensors"]),
+                    human(r["bytes"]),
+                    _fmt_drift(r["median_drift"]),
+                )
+            if al["by_content"]:
+                content = (str(al["by_content"]), human(al["by_content_bytes"]), "0")
+                at.add_row(m.name, "", "", "content", "[green]yes[/]", *content)
+            at.add_row(
+                m.name,
+                f"[dim]member-only: {al['member_only_tensors']} tensors[/]",
+                "",
+                "",
+                "",
+                "",
+                human(al["member_only_bytes"]),
+                "",
+            )
+        at.caption = "\n".join(alignment_line(m.name, m.alignment) for m in towers)
+        items.append(at)
     if any(m.components for m in rep.models):  # pipelines: drift per component first, then per block
         comp_names = sorted({c.name for m in rep.models for c in m.components})
         ct = Table(title="components: identical tensors, mean drift (byte-weighted) and largest drift, per member")
@@ -706,8 +796,15 @@ def plot_heatmap(rep: Any, path: Path) -> None:
 @main.command()
 @click.argument("members", nargs=-1, required=True, metavar="[NAME=]PATH...")
 @click.option(
-    "--base", "base", metavar="PATH", help="The model to compare with. Without it the FIRST model given is the base."
+    "--base",
+    "base",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="The model to compare with (repeat as NAME=PATH for several towers). Without it the FIRST model "
+    "given is the base.",
 )
+@map_option
+@names_only_option
 @click.option(
     "--json",
     "json_path",
@@ -725,7 +822,9 @@ def plot_heatmap(rep: Any, path: Path) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def analyze(
     members: tuple[str, ...],
-    base: str | None,
+    base: tuple[str, ...],
+    maps: tuple[str, ...],
+    names_only: bool,
     json_path: str | None,
     plot_path: Path | None,
     no_rank: bool,
@@ -734,8 +833,9 @@ def analyze(
     """Compare models with a base, tensor by tensor, before factoring them.
 
     Per tensor: bit-identical or not, drift ||W-B||/||B||, cosine, effective rank of the delta (99% of
-    its energy), share of changed entries. Per member: a verdict (related to the base, or not) with its
-    reason; per layer block: identical counts and a drift heatmap. spec/ANALYZE.md defines every figure.
+    its energy), share of changed entries. Per member: its alignment to the base (rules, coverage,
+    member-only tensors), a verdict (related to the base, or not) with its reason; per layer block:
+    identical counts and a drift heatmap. spec/ANALYZE.md defines every figure.
 
     \b
     Examples:
@@ -744,6 +844,7 @@ def analyze(
       wfactor analyze ckpt/* --base ckpt/base --json report.json --plot drift.png
       wfactor analyze ft.safetensors --base base.safetensors --json - | jq '.models[].related'
       wfactor analyze acme/chat-7b@v2 --base acme/base-7b   # Hub ids: see wfactor factor --help
+      wfactor analyze vlm=ckpt/llava rerank=ckpt/rerank --base ckpt/llama   # towers under other names
     """
     from .analyze import analyze as analyze_models
 
@@ -758,7 +859,14 @@ def analyze(
         to_stdout = json_path == "-"
         bar, update = progress_bar(quiet or to_stdout)
         with bar:
-            rep = analyze_models(list(members), base, ranks=not no_rank, progress=update)
+            rep = analyze_models(
+                list(members),
+                list(base) or None,
+                ranks=not no_rank,
+                progress=update,
+                maps=maps,
+                infer=not names_only,
+            )
         if to_stdout:
             emit_json(rep.to_json())
         else:
@@ -845,6 +953,7 @@ def export_peft(family: Path, name: str, output: Path, max_rank: int | None, for
     metavar="PATH",
     help="Base model of a PEFT adapter member (default: the family's backbone).",
 )
+@map_option
 @lossless_option
 @max_rel_error_option
 @click.option("--target-bytes", type=int, default=None, hidden=True)
@@ -856,6 +965,7 @@ def add(
     family: Path,
     member: str,
     base: str | None,
+    maps: tuple[str, ...],
     lossless: bool,
     max_rel_error: float,
     target_bytes: int | None,
@@ -882,7 +992,7 @@ def add(
         )
         bar, update = progress_bar(quiet or as_json)
         with bar:
-            rep = add_member(family, member, budget, force=force, base=base, progress=update)
+            rep = add_member(family, member, budget, force=force, base=base, progress=update, maps=maps)
         if as_json:
             emit_json(rep.to_json())
             return
@@ -892,6 +1002,9 @@ def add(
             f"(ratio {rep.ratio:.3f}), worst rel error {rep.worst_rel_error:.2g}{what}",
             highlight=False,
         )
+        line = alignment_line(rep.name, rep.alignment) if rep.alignment is not None else ""
+        if line:
+            out.print(line, highlight=False)
 
     run(body)
 

@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .analyze import analyze_member
+from .align import VERDICT_SAMPLE, BackboneIndex, Rule, align, parse_map, rules_for
 from .errors import InputError, LimitError
 from .factor import (
-    _EMPTY,
-    VERDICT_SAMPLE,
     MemberReport,
     Progress,
     member_entry,
@@ -131,8 +129,10 @@ def add(
     force: bool = False,
     base: str | None = None,
     progress: Progress | None = None,
+    maps: list[str | Rule] | tuple[str | Rule, ...] = (),
 ) -> MemberReport:
-    """Factor ``member`` (``[NAME=]PATH``) against the family's backbone and add it to ``family`` in place.
+    """Factor ``member`` (``[NAME=]PATH``) against the family's backbone and add it to ``family`` in place,
+    aligned to the backbone as ``factor`` aligns (``maps``: explicit ``[MEMBER:]FROM=TO`` rules).
 
     ``force`` replaces a member of the same name. A PEFT adapter directory is read on ``base``, by default
     the backbone itself. Returns the member's report (bytes, worst error, codecs, related)."""
@@ -168,20 +168,26 @@ def add(
                 )
             if old is None and len(man.members) >= MAX_MEMBERS:
                 raise LimitError(f"{root}: already {len(man.members)} members (limit {MAX_MEMBERS})")
-            related = analyze_member(src, backbone, ranks=False, sample=VERDICT_SAMPLE).related
+            rules = [r if isinstance(r, Rule) else parse_map(r) for r in maps]
+            for r in rules:
+                if r.member is not None and r.member != name:
+                    raise InputError(f"--map {r.member}:{r.label}: the member added is {name!r}, not {r.member!r}")
+            al = align(src, BackboneIndex(backbone), rules_for(name, rules), sample=VERDICT_SAMPLE)
             taken = _referenced(man)
             rel = _free(root, f"{DELTAS_DIR}/{name}.safetensors", taken)
             final = root / rel
             tmp = temp_name(final)
             written += [tmp, final]
             records, sizes = write_delta(
-                src, backbone if related else _EMPTY, man.backbone.sha256, tmp, budget, progress
+                src, backbone, man.backbone.sha256, tmp, budget, progress, alignment=al
             )
             os.replace(tmp, final)
             fsync_dir(final.parent)
             aux_dir = _free(root, f"{AUX_DIR}/{name}", taken)
             written.append(root / aux_dir)  # unreferenced until the manifest names it
-            entry, rep = member_entry(src, root, rel, records, sizes, budget, related, aux_dir[len(AUX_DIR) + 1 :])
+            entry, rep = member_entry(
+                src, root, rel, records, sizes, budget, al.related, aux_dir[len(AUX_DIR) + 1 :], alignment=al
+            )
             for ref in entry.aux_files:
                 with open(root / ref.path, "rb+") as fh:
                     os.fsync(fh.fileno())

@@ -33,6 +33,12 @@ class NotFoundError(InputError):
     code = "not_found"
 
 
+class MapError(InputError):
+    """A ``--map`` alignment rule is malformed, maps nothing, or maps a tensor onto one that cannot predict it."""
+
+    code = "map"
+
+
 class NotSafetensorsError(WfactorError):
     """A file that must be safetensors is not (bad length prefix, header is not JSON, ...)."""
 
@@ -105,6 +111,7 @@ ERROR_CODES: dict[str, type[WfactorError]] = {
         WfactorError,
         InputError,
         NotFoundError,
+        MapError,
         NotSafetensorsError,
         FormatError,
         LimitError,
@@ -113,5 +120,6 @@ ERROR_CODES: dict[str, type[WfactorError]] = {
         IntegrityError,
         BackboneMismatchError,
         VerifyError,
+        MemoryLimitError,
     )
 }

@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import torch
 
 from . import __version__
-from .analyze import analyze_member
+from .align import VERDICT_SAMPLE, Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
 from .backbone import medoid, pairwise, widest, write_consensus
 from .errors import InputError
 from .format.atomic import fsync_dir, recover, replace_dir, temp_name
@@ -55,11 +55,9 @@ from .format.records import Record, Term
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
 from .pipelines import aux_relpath, member_components
 from .plan import Budget, Planned, TensorPlanner, allocate, plan_tensor, rekey
-from .sources import Source, open_source
+from .sources import Source, open_bases, open_source, split_base
 
-# The relatedness verdict (related members are delta-coded, unrelated ones stored whole) reads drift from at
-# most this many evenly strided elements of each tensor: the verdict only asks whether drift is below 0.5.
-VERDICT_SAMPLE = 1 << 16
+__all__ = ["VERDICT_SAMPLE", "FactorReport", "MemberReport", "factor"]
 
 Progress = Callable[[str, int, int], None]  # (stage label, bytes done, bytes total)
 
@@ -80,6 +78,7 @@ class MemberReport:
     worst_rel_drift: float = 0.0
     codecs: dict[str, CodecStat] = field(default_factory=dict)
     related: bool = True
+    alignment: dict[str, Any] | None = None  # wfactor.align.Alignment.to_json()
 
     @property
     def ratio(self) -> float:
@@ -96,6 +95,7 @@ class MemberReport:
             "worst_rel_drift": self.worst_rel_drift,
             "related": self.related,
             "codecs": {k: {"tensors": v.tensors, "bytes": v.bytes} for k, v in sorted(self.codecs.items())},
+            "alignment": self.alignment,
         }
 
 
@@ -206,11 +206,12 @@ def allocate_family(
     budget: Budget,
     backbone_bytes: int,
     progress: Progress | None = None,
-    unrelated: set[str] | None = None,
+    alignments: dict[str, Alignment] | None = None,
     raw: int = 0,
 ) -> dict[str, dict[str, str]]:
     """Pass 1 of a family-wide byte budget: every tensor's ladder of options, then one greedy allocation.
-    Unrelated members take part with their fixed (dense) cost. ``raw``: the models side by side."""
+    Member-only tensors (all of an unrelated member) take part with their fixed (dense) cost. ``raw``: the
+    models side by side."""
     target = budget.target_bytes if budget.target_bytes is not None else int(round((budget.target_ratio or 0) * raw))
     keys: list[tuple[str, str]] = []
     ladders: list[list[tuple[str, int, float]]] = []
@@ -218,11 +219,12 @@ def allocate_family(
     for src in sources:
         overhead += _header_overhead(src)
         done = 0
-        base_for = _EMPTY if src.name in (unrelated or set()) else base
+        mapping = _mapping(src, base, alignments)
         for key in src.keys():
             target_t = src.tensor(key)
-            base_t = base_for.tensor(key) if key in base_for else None
-            planner = TensorPlanner(key, target_t, key if base_t is not None else None, base_t, budget)
+            bname = mapping.get(key)
+            base_t = base.tensor(bname) if bname is not None else None
+            planner = TensorPlanner(key, target_t, bname, base_t, budget)
             ladders.append(planner.ladder())
             keys.append((src.name, key))
             done += src.info(key).nbytes
@@ -241,6 +243,12 @@ def allocate_family(
     return out
 
 
+def _mapping(src: Source, base: Source, alignments: dict[str, Alignment] | None) -> dict[str, str]:
+    if alignments is not None:
+        return alignments[src.name].mapping
+    return {k: k for k in src.keys() if k in base}
+
+
 def write_delta(
     member: Source,
     base: Source,
@@ -250,8 +258,11 @@ def write_delta(
     progress: Progress | None = None,
     options: dict[str, str] | None = None,
     fast_load: bool = False,
+    alignment: Alignment | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
     """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes.
+    ``alignment`` says which backbone tensor each member tensor is predicted from (None: the one of its name);
+    a tensor it leaves out is stored dense.
     ``options`` (from :func:`allocate_family`) fixes each tensor's option instead of the per-tensor budget.
     ``fast_load``: k-bit codes are stored as bit planes (spec 4.3, a version-3 delta), used as they are by a
     loader, instead of zstd frames that must be decoded (which are ~1-25% smaller)."""
@@ -260,10 +271,17 @@ def write_delta(
     sizes: dict[str, int] = {}
     total, done = member.nbytes, 0
     seen: dict[tuple[str, tuple[int, ...], str], str] = {}  # content digest -> first tensor with it
+    mapping = alignment.mapping if alignment is not None else {k: k for k in member.keys() if k in base}
+    known = alignment.digests if alignment is not None else {}
     try:
         for key in member.keys():
             info = member.info(key)
-            digest = (info.dtype, info.shape, hashlib.sha256(member.raw_bytes(key)).hexdigest())
+            ck = known.get(key)
+            digest = (
+                (info.dtype, info.shape, ck[2])
+                if ck is not None
+                else (info.dtype, info.shape, hashlib.sha256(member.raw_bytes(key)).hexdigest())
+            )
             if digest in seen and info.nbytes > 0:
                 # tied weights (e.g. lm_head = embed_tokens): stored once, the second is a same_as record
                 first = next(r for r in records if r.name == seen[digest])
@@ -272,9 +290,10 @@ def write_delta(
                 continue
             seen.setdefault(digest, key)
             target = member.tensor(key)
-            base_t = base.tensor(key) if key in base else None
+            bname = mapping.get(key)
+            base_t = base.tensor(bname) if bname is not None else None
             option = options.get(key) if options else None
-            planned = plan_tensor(key, target, key if base_t is not None else None, base_t, budget, option)
+            planned = plan_tensor(key, target, bname, base_t, budget, option)
             planned = rekey(planned, str(len(records)))
             if fast_load:
                 planned = codes_as_planes(planned)
@@ -337,14 +356,21 @@ def member_entry(
     budget: Budget,
     related: bool,
     aux_name: str | None = None,
+    alignment: Alignment | None = None,
 ) -> tuple[MemberEntry, MemberReport]:
     """The manifest entry and the report of a member whose delta was written at ``root/rel``; copies its
-    config files to ``aux/<aux_name or name>/`` (shared by ``factor`` and ``add``)."""
+    config files to ``aux/<aux_name or name>/`` (shared by ``factor`` and ``add``). The alignment goes into
+    the entry's plan when it is more than same names (so a family without towers is written as before)."""
     delta = FileRef.of(root, rel)
     rep = _summarise(src.name, src.nbytes, records, sizes, delta.size)
     rep.related = related
     plan = rep.to_json()
     plan.pop("name")
+    plan.pop("alignment")
+    if alignment is not None:
+        rep.alignment = alignment.to_json()
+        if not alignment.trivial:
+            plan["alignment"] = alignment.to_json(names=False)
     plan["budget"] = budget.to_json()
     entry = MemberEntry(
         name=src.name,
@@ -376,7 +402,7 @@ def _write_family(
     base_src: Source,
     tmp: Path,
     budget: Budget,
-    unrelated: set[str],
+    alignments: dict[str, Alignment],
     origin: dict[str, Any],
     progress: Progress | None,
     max_shard_bytes: int | None = None,
@@ -386,7 +412,7 @@ def _write_family(
     the backbone is sharded (spec 2.1, a version-2 family) when it does not fit in one shard; with
     ``fast_load`` k-bit codes are stored as bit planes (a version-3 family, when any delta has them)."""
     # the models side by side: the members, plus the base when the user gave one
-    raw_bytes = (base_src.nbytes if origin.get("kind") == "base" else 0) + sum(s.nbytes for s in sources)
+    raw_bytes = (base_src.nbytes if origin.get("kind") in ("base", "bases") else 0) + sum(s.nbytes for s in sources)
     (tmp / DELTAS_DIR).mkdir(parents=True)
     sharded = write_backbone_sharded(base_src, tmp, max_shard_bytes, progress) if max_shard_bytes else None
     shards: list[FileRef]
@@ -397,7 +423,7 @@ def _write_family(
         backbone, shards = sharded
     options = (
         allocate_family(
-            sources, base_src, budget, backbone.size + sum(r.size for r in shards), progress, unrelated, raw_bytes
+            sources, base_src, budget, backbone.size + sum(r.size for r in shards), progress, alignments, raw_bytes
         )
         if budget.global_target
         else {}
@@ -407,13 +433,13 @@ def _write_family(
     version = SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION  # raised to 3 by a delta with bit planes
     for src in sources:
         rel = f"{DELTAS_DIR}/{src.name}.safetensors"
-        # an unrelated member shares nothing with the backbone: it is stored whole (dense, compressed)
-        base_for = _EMPTY if src.name in unrelated else base_src
+        # what does not align is stored dense: all of an unrelated member (stored whole, compressed)
+        al = alignments[src.name]
         records, sizes = write_delta(
-            src, base_for, backbone.sha256, tmp / rel, budget, progress, options.get(src.name), fast_load
+            src, base_src, backbone.sha256, tmp / rel, budget, progress, options.get(src.name), fast_load, al
         )
         version = max(version, delta_version(records))
-        entry, rep = member_entry(src, tmp, rel, records, sizes, budget, src.name not in unrelated)
+        entry, rep = member_entry(src, tmp, rel, records, sizes, budget, al.related, alignment=al)
         entries.append(entry)
         reports.append(rep)
     manifest = Manifest(
@@ -429,24 +455,22 @@ def _write_family(
     return manifest, reports
 
 
-class _Empty:
-    """A base with no tensors: every member tensor is stored dense."""
-
-    def __contains__(self, key: str) -> bool:
-        return False
-
-
-_EMPTY: Any = _Empty()
-
-
-def _unrelated(sources: Sequence[Source], backbone: Source) -> set[str]:
-    """Members that `wfactor analyze` would call unrelated to ``backbone`` (one rule for both commands;
-    spec/ANALYZE.md states it). The backbone itself, when it is a member, is related."""
+def alignments(
+    sources: Sequence[Source], backbone: Source, rules: Sequence[Rule] = (), infer: bool = True
+) -> dict[str, Alignment]:
+    """Each member aligned to ``backbone`` (:mod:`wfactor.align`; the verdict is `wfactor analyze`'s rule, one
+    rule for both commands, spec/ANALYZE.md). The backbone itself, when it is a member, aligns by its names."""
+    index = BackboneIndex(backbone, content=infer)
     return {
-        s.name
+        s.name: align(
+            s, index, rules_for(s.name, rules), infer=infer, sample=VERDICT_SAMPLE, trust_identity=s is backbone
+        )
         for s in sources
-        if s is not backbone and not analyze_member(s, backbone, ranks=False, sample=VERDICT_SAMPLE).related
     }
+
+
+def _unrelated(aligned: dict[str, Alignment]) -> set[str]:
+    return {name for name, a in aligned.items() if not a.related}
 
 
 _P = ParamSpec("_P")
@@ -494,15 +518,23 @@ def single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 @single_threaded
 def factor(
     members: Sequence[str],
-    base: str | None,
+    base: str | Sequence[str] | None,
     out: str | os.PathLike[str],
     budget: Budget | None = None,
     force: bool = False,
     progress: Progress | None = None,
     max_shard_size: int | str | None = None,
     fast_load: bool = False,
+    maps: Sequence[str | Rule] = (),
+    infer: bool = True,
 ) -> FactorReport:
     """Factor ``members`` (each ``[NAME=]PATH``) into a family directory ``out``.
+
+    ``base``: a path, or several ``NAME=PATH`` (one backbone holding each base under its tower namespace
+    ``NAME/``, spec/FORMAT.md section 2.2). Every member is aligned to the backbone before planning
+    (:mod:`wfactor.align`): same names, the ``maps`` rules (``[MEMBER:]FROM=TO``), prefix rules inferred from
+    names and shapes and kept only where the aligned tensors are related, and bit-identical content. What
+    aligns is delta-coded, the rest of the member stored dense. ``infer=False``: same names and ``maps`` only.
 
     ``max_shard_size`` (bytes, or "2GB", "1.5GiB") splits a backbone larger than that into shards (a
     version-2 family, spec/FORMAT.md section 2.1); without it, or when it fits, the backbone is one file.
@@ -538,51 +570,54 @@ def factor(
         raise InputError(f"{out}: already exists; choose another -o or pass --force to replace it")
     if not members:
         raise InputError("no members given: pass at least one [NAME=]PATH")
+    bases = [] if base is None else [base] if isinstance(base, str) else list(base)
+    rules = [r if isinstance(r, Rule) else parse_map(r) for r in maps]
+    peft_base = split_base(bases[0])[1] if len(bases) == 1 else None  # the base of PEFT adapter members
     opened: list[Source] = []
     sources: list[Source] = []
     try:
         for arg in members:
-            src = open_source(arg, base=base)  # a PEFT adapter directory is base + adapter
+            src = open_source(arg, base=peft_base)  # a PEFT adapter directory is base + adapter
             opened.append(src)
             check_member_name(src.name, arg)
             if any(s.name == src.name for s in sources):
                 raise InputError(f"{arg}: member name {src.name!r} is used twice; name members with NAME=PATH")
             sources.append(src)
-        candidates: list[tuple[Source, dict[str, Any], set[str]]] = []
+        check_rule_members(rules, [s.name for s in sources])
+        candidates: list[tuple[Source, dict[str, Any], dict[str, Alignment]]] = []
         out.parent.mkdir(parents=True, exist_ok=True)
         work = temp_name(out)
         if work.exists():
             shutil.rmtree(work)
         work.mkdir()
         try:
-            if base is not None:
-                base_src = open_source(base, name="base")
+            if bases:
+                base_src, base_origin = open_bases(bases)
                 opened.append(base_src)
-                candidates.append(
-                    (base_src, {"kind": "base", "path": str(base_src.path)}, _unrelated(sources, base_src))
-                )
+                candidates.append((base_src, base_origin, alignments(sources, base_src, rules, infer)))
             else:
                 dist = pairwise(sources)
                 everyone = list(range(len(sources)))
                 center = medoid(dist, everyone, widest(sources, everyone))
-                first = _unrelated(sources, sources[center])
+                first = _unrelated(alignments(sources, sources[center], rules, infer))
                 related = [i for i in everyone if sources[i].name not in first]
                 center = medoid(dist, related, widest(sources, related))
-                unrelated = _unrelated(sources, sources[center])
+                aligned = alignments(sources, sources[center], rules, infer)
+                unrelated = _unrelated(aligned)
                 related = [i for i in everyone if sources[i].name not in unrelated]
                 med = sources[center]
-                candidates.append((med, {"kind": "medoid", "member": med.name}, unrelated))
+                candidates.append((med, {"kind": "medoid", "member": med.name}, aligned))
                 if len(related) > 1:
                     write_consensus([sources[i] for i in related], work / "consensus.safetensors")
                     cons = open_source(str(work / "consensus.safetensors"), name="consensus")
                     opened.append(cons)
                     origin = {"kind": "consensus", "members": [sources[i].name for i in related]}
-                    candidates.append((cons, origin, unrelated))
+                    candidates.append((cons, origin, alignments(sources, cons, rules, infer)))
             results = []
-            for k, (bsrc, origin, unrelated) in enumerate(candidates):
+            for k, (bsrc, origin, aligned) in enumerate(candidates):
                 tmp = work / f"family-{k}"
                 _man, reports = _write_family(
-                    sources, bsrc, tmp, budget, unrelated, origin, progress, max_shard_bytes, fast_load
+                    sources, bsrc, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load
                 )
                 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
                 results.append((size, k, tmp, reports, bsrc))
@@ -597,7 +632,7 @@ def factor(
         finally:
             shutil.rmtree(work, ignore_errors=True)
         backbone_size = read_manifest(out).backbone_bytes
-        rep = FactorReport(out, backbone_size, bsrc.nbytes if base is not None else 0, reports, budget)
+        rep = FactorReport(out, backbone_size, bsrc.nbytes if bases else 0, reports, budget)
         rep.backbone_origin = dict(candidates[k][1], tried_bytes=tried)
         return rep
     finally:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class Family:
     def __init__(self, root: str | os.PathLike[str], delta_cache_bytes: int = 256 << 20) -> None:
         self.root = Path(root)
         self._held: dict[str, dict[str, torch.Tensor]] = {}
+        self._registry = BACKBONES  # the process-wide registry this Family's references are held in
         self.delta_cache = DeltaCache(delta_cache_bytes)
         self._records: dict[str, dict[str, Record]] = {}
         self.manifest: Manifest = read_manifest(self.root)
@@ -89,6 +91,9 @@ class Family:
             raise
         self._bb_file = self._bb_files[0]
         self._bb_verified = False
+        # a Family dropped without close() still gives its backbone references back (state_dict keeps the
+        # backbone resident by default, and an unreleased reference would keep it for the process's life)
+        weakref.finalize(self, _release_all, self._registry, self.manifest.backbone.sha256, self._held)
         self._base_shapes = {k: (f.tensors[k].shape, f.tensors[k].dtype) for k, f in self._bb_of.items()}
 
     @property
@@ -161,7 +166,9 @@ class Family:
         dev = torch.device(device)
         key = str(dev)
         if key not in self._held:
-            self._held[key] = BACKBONES.acquire(self.manifest.backbone.sha256, dev, lambda: self._load_backbone(dev))
+            self._held[key] = self._registry.acquire(
+                self.manifest.backbone.sha256, dev, lambda: self._load_backbone(dev)
+            )
         return self._held[key]
 
     def _load_backbone(self, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
@@ -190,7 +197,7 @@ class Family:
         """Give back this Family's reference to the backbone on ``device``; the last reference frees it."""
         key = str(torch.device(device))
         if self._held.pop(key, None) is not None:
-            BACKBONES.release(self.manifest.backbone.sha256, torch.device(device))
+            self._registry.release(self.manifest.backbone.sha256, torch.device(device))
 
     def _base_tensor(self, name: str, device: str | torch.device) -> torch.Tensor:
         key = str(torch.device(device))
@@ -279,15 +286,22 @@ class Family:
         dtype: torch.dtype | None = None,
         copy: bool = False,
         component: str | None = None,
+        resident: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Member ``name`` rebuilt on ``device`` (the arithmetic runs there); ``dtype`` casts floating tensors.
-        ``component`` (a pipeline member): only that component, names without the ``<component>/`` namespace.
+        """Member ``name`` rebuilt on ``device`` (the arithmetic runs there), with the member's own tensor
+        names; ``dtype`` casts floating tensors. ``component`` (a pipeline member): only that component, names
+        without the ``<component>/`` namespace.
 
-        Tensors identical to the backbone are the backbone's own tensors when the backbone is resident on
-        ``device`` (see :meth:`backbone`), unless ``copy=True``. The member's decoded delta parts are kept in
-        a byte-bounded LRU (``delta_cache``): with the backbone resident, making a member ready moves only its
-        delta's bytes, and a second call moves none."""
+        ``resident`` (the default): the backbone is loaded on ``device`` once (:meth:`backbone`) and kept there
+        until :meth:`release`/:meth:`close`, shared by every member loaded later, so tensors identical to the
+        backbone are the backbone's own tensors (the same storage in every member whose tower aligns to it),
+        unless ``copy=True``. ``resident=False`` streams: each backbone tensor is read when needed (a mapping
+        of the file on CPU) and nothing stays behind (unless the backbone is resident already). The member's
+        decoded delta parts are kept in a byte-bounded LRU (``delta_cache``): with the backbone resident, making
+        a member ready moves only its delta's bytes, and a second call moves none."""
         dev = torch.device(device)
+        if resident:
+            self.backbone(dev)
         prefix = self._component_prefix(name, component)
         out: dict[str, torch.Tensor] = {}
         with self._delta_parts(name, dev) as (records, part, delta_path):
@@ -496,6 +510,12 @@ class Family:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release_all(registry: Any, sha256: str, held: dict[str, Any]) -> None:
+    for key in list(held):
+        held.pop(key, None)
+        registry.release(sha256, torch.device(key))
 
 
 @dataclass

@@ -9,8 +9,10 @@ validating reader that guards family files.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -195,3 +197,92 @@ def open_source(arg: str, name: str | None = None, base: str | None = None) -> S
     except NotSafetensorsError:
         raise
     return src
+
+
+TOWER_SEP = "/"
+
+
+@dataclass
+class TowersSource(Source):
+    """Several bases as one backbone (``--base NAME=PATH``, repeated): tensor ``NAME/<name>`` is tensor
+    ``<name>`` of base NAME (spec/FORMAT.md section 2.2). ``towers``: (NAME, its opened Source) in order."""
+
+    towers: list[tuple[str, Source]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._open = {}
+        self._where = {}
+        self._of: dict[str, tuple[Source, str]] = {}
+        for tname, src in self.towers:
+            for k in src.keys():
+                self._of[f"{tname}{TOWER_SEP}{k}"] = (src, k)
+
+    def keys(self) -> list[str]:
+        return sorted(self._of)
+
+    def info(self, key: str) -> TensorInfo:
+        if key not in self._of:
+            raise NotFoundError(f"{self.path}: no tensor named {key!r}")
+        src, k = self._of[key]
+        return src.info(k)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._of
+
+    def tensor(self, key: str) -> torch.Tensor:
+        src, k = self._of[key]
+        return src.tensor(k)
+
+    def raw_bytes(self, key: str) -> bytes:
+        src, k = self._of[key]
+        return src.raw_bytes(k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for _, s in self.towers)
+
+    def close(self) -> None:
+        for _, s in self.towers:
+            s.close()
+
+
+def split_base(arg: str) -> tuple[str | None, str]:
+    """``--base NAME=PATH`` -> (NAME, PATH); ``--base PATH`` -> (None, PATH)."""
+    return split_spec(arg)
+
+
+def open_bases(args: str | Sequence[str], name: str | None = "base") -> tuple[Source, dict[str, Any]]:
+    """The backbone source of ``--base`` (given once: the base itself, its names as they are; given several
+    times as ``NAME=PATH``: every base under its tower namespace ``NAME/``) and its ``backbone_origin``."""
+    specs = [args] if isinstance(args, str) else list(args)
+    if not specs:
+        raise InputError("no base given")
+    if len(specs) == 1:  # ``name``: the base's name (None: NAME= of the argument, else its file name)
+        _name, raw = split_base(specs[0])
+        src = open_source(specs[0]) if name is None else open_source(raw, name=name)
+        return src, {"kind": "base", "path": str(src.path)}
+    towers: list[tuple[str, Source]] = []
+    try:
+        for s in specs:
+            name, raw = split_base(s)
+            if name is None:
+                raise InputError(
+                    f"--base {s}: with several bases each needs a tower name, --base NAME=PATH "
+                    "(e.g. --base text=ckpt/llama --base vision=ckpt/siglip)"
+                )
+            if any(n == name for n, _ in towers):
+                raise InputError(f"--base {s}: tower name {name!r} is used twice")
+            towers.append((name, open_source(raw, name=name)))
+    except BaseException:
+        for _, t in towers:
+            t.close()
+        raise
+    origin = {
+        "kind": "bases",
+        "bases": [
+            {"name": n, "path": str(t.path), "namespace": n + TOWER_SEP, "tensors": len(t.keys()), "bytes": t.nbytes}
+            for n, t in towers
+        ],
+    }
+    src = TowersSource("+".join(n for n, _ in towers), Path(specs[0].split("=", 1)[1]).parent, [], towers=towers)
+    return src, origin

@@ -147,6 +147,7 @@ def attach(
     device: str | torch.device | None = None,
     component: str | None = None,
     packed: bool = True,
+    rename: dict[str, str] | None = None,
 ) -> nn.Module:
     """Give ``module`` (built from the member's config) the weights of family member ``name``.
 
@@ -163,13 +164,28 @@ def attach(
     ``packed``: k-bit codes (b < 8) stay packed in b bit planes (b/8 byte per weight) and are unpacked per
     forward; False keeps them as int8 (one byte per weight, no unpacking).
 
+    ``rename``: {member prefix: module prefix}, for a module whose parameter names differ from the checkpoint's
+    (transformers 5 keeps LLaVA's ``language_model.model.*`` as ``model.language_model.*`` in memory:
+    ``rename={"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+    "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}``); the
+    longest matching prefix applies.
+
     Raises ``InputError`` naming the first module parameter the member lacks, the first member tensor the
     module lacks, or the first tensor whose shapes differ.
     """
     dev = torch.device(device) if device is not None else _default_device(module)
     entry = family.member(name)
     ns = family._component_prefix(name, component)  # "" or "<component>/"
-    metas = {t.name[len(ns) :]: t for t in entry.tensors if t.name.startswith(ns)}
+    prefixes = sorted((rename or {}).items(), key=lambda kv: -len(kv[0]))
+
+    def to_module(local: str) -> str:
+        for src, dst in prefixes:
+            if local.startswith(src):
+                return dst + local[len(src) :]
+        return local
+
+    metas = {to_module(t.name[len(ns) :]): t for t in entry.tensors if t.name.startswith(ns)}
+    member_of = {mod_name: meta.name[len(ns) :] for mod_name, meta in metas.items()}
     where = f"{family.root}: member {name!r}" + (f", component {component!r}" if component else "")
 
     # -- inventory of the module's tensor slots (every alias of a tied tensor included) ----------------
@@ -211,11 +227,13 @@ def attach(
     loaded: dict[str, torch.Tensor] = {}
     with family.open_delta(name) as delta:  # one digest check for both passes
         delta.file.prefetch()
-        found = lowrank_factors(family, name, dev, {ns + c for c in candidates}, delta) if candidates else {}
-        factors = {k[len(ns) :]: v for k, v in found.items()}
+        only = {ns + member_of[c] for c in candidates}
+        found = lowrank_factors(family, name, dev, only, delta) if candidates else {}
+        factors = {to_module(k[len(ns) :]): v for k, v in found.items()}
         # -- load everything else (backbone-identical tensors come back as the backbone's own) ---------
-        for tname, t in family.iter_open(delta, name, dev, component=component, skip=factors.keys()):
-            loaded[tname] = t
+        skip = {member_of[k] for k in factors}
+        for tname, t in family.iter_open(delta, name, dev, component=component, skip=skip):
+            loaded[to_module(tname)] = t
 
     new_params: dict[int, nn.Parameter] = {}
     for pname, (owner, local, p) in params.items():
