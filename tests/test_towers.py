@@ -29,6 +29,7 @@ from wfactor.errors import MapError
 from wfactor.sources import open_source
 from wfactor.tensors import bitwise_equal
 
+FAMILY_BASE = ROOT / "fixtures" / "family" / "base"
 LLAMA_MEMBERS = ["chat", "reranker", "reranker_frozen", "vlm", "vlm_frozen"]
 # LLaVA's checkpoint names -> its module names in transformers 5
 LLAVA_RENAME = {
@@ -385,3 +386,54 @@ def test_a_family_without_towers_is_written_as_before(tmp_path: Path) -> None:
     assert trees[0] == trees[1]
     man = json.loads(trees[0][Path("wfactor.json")])
     assert all("alignment" not in m["plan"] for m in man["members"])
+
+
+def test_a_bert_classifier_aligns_to_its_bi_encoder_base(tmp_path: Path) -> None:
+    """A sentence-transformers style base (BertModel: ``embeddings.*``, ``encoder.*``, ``pooler.*``) and a
+    classifier fine-tuned from it (``bert.*`` + ``classifier.*``), trained a few steps."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    base = BertModel(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    clf = BertForSequenceClassification(cfg)
+    clf.bert.load_state_dict(base.state_dict())
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        ids = torch.randint(0, 96, (4, 10), generator=gen)
+        loss = clf(input_ids=ids, labels=torch.randint(0, 2, (4,), generator=gen)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clf.save_pretrained(tmp_path / "clf")
+    rep = wfactor.factor([f"clf={tmp_path / 'clf'}"], base=str(tmp_path / "base"), out=tmp_path / "fam")
+    m = rep.members[0]
+    assert m.related and _accepted(m) == [("bert.", "")]
+    assert sorted(m.alignment["member_only"]) == ["classifier.bias", "classifier.weight"]
+    names_only = wfactor.factor(
+        [f"clf={tmp_path / 'clf'}"], base=str(tmp_path / "base"), out=tmp_path / "fam2", infer=False
+    ).members[0]
+    assert not names_only.related and m.delta_bytes < 0.5 * names_only.delta_bytes
+
+
+def test_bit_identical_tensors_align_by_content_whatever_their_names(tmp_path: Path) -> None:
+    """A member holding the base's tensors under names no rule relates (one component each): aligned by
+    content, 0 payload bytes; constant tensors (norm weights of ones) are not matched by content."""
+    base = load_file(str(FAMILY_BASE / "model.safetensors"))
+    keys = sorted(base)
+    member = {f"t{i}": base[k].clone() for i, k in enumerate(keys)}
+    member["ones"] = torch.ones(64)
+    (tmp_path / "m").mkdir()
+    save_file(member, str(tmp_path / "m" / "model.safetensors"))
+    rep = wfactor.factor([f"m={tmp_path / 'm'}"], base=str(FAMILY_BASE), out=tmp_path / "fam")
+    al = rep.members[0].alignment
+    assert rep.members[0].related and not [r for r in al["rules"] if r["accepted"]]
+    constant = [k for k in keys if bool((base[k] == base[k].reshape(-1)[0]).all())]
+    assert al["by_content"] == len(keys) - len(constant) > 0
+    assert set(al["member_only"]) == {"ones"} | {f"t{keys.index(k)}" for k in constant}
+    with wfactor.open_family(tmp_path / "fam") as f, f.open_delta("m") as d:
+        for i, k in enumerate(keys):
+            r = d.records[f"t{i}"]
+            assert (r.base == k and r.codec == "identical") or k in constant
