@@ -33,7 +33,7 @@ from tiny_pipelines import VARIANTS, build_models, build_pipelines, denoise_step
 
 import wfactor
 import wfactor.torch as wt
-from wfactor.sources import open_source
+from wfactor.inputs import open_source
 
 WORK = BENCH / "work" / "pipelines"
 WIDTH = 8

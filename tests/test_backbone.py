@@ -10,7 +10,7 @@ from conftest import FAMILY, member_args
 import wfactor
 from wfactor.backbone import pairwise, widest
 from wfactor.format.manifest import read_manifest
-from wfactor.sources import open_source
+from wfactor.inputs import open_source
 
 
 def test_pairwise_distances_see_fine_tunes_close_and_unrelated_far() -> None:

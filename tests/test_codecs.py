@@ -147,3 +147,19 @@ def test_part_spec_json_roundtrip() -> None:
     assert PartSpec.from_json(spec.to_json(), "t") == spec
     p = Planned(assemble("w", torch.ones(2), None, [dense.encode(torch.ones(2))], None).record, {})
     assert p.nbytes == 0
+
+
+def test_randomised_spectrum_of_a_large_low_rank_delta() -> None:
+    """Above FULL_SVD_MAX the low-rank codec's SVD is randomised (wfactor.linalg): a rank-5 delta of a
+    2100 x 2060 matrix comes back exactly (to float32 rounding), the same on every call."""
+    from wfactor.codecs import lowrank
+
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(2100, 5, generator=g) @ torch.randn(5, 2060, generator=g)
+    u, s, vh = lowrank.spectrum(delta, 8)
+    assert u.shape == (2100, 8) and vh.shape == (8, 2060)
+    approx = (u[:, :5] * s[:5]) @ vh[:5]
+    assert float(torch.linalg.norm(approx - delta) / torch.linalg.norm(delta)) < 1e-5
+    assert float(s[5]) < 1e-3 * float(s[0])
+    u2, s2, vh2 = lowrank.spectrum(delta, 8)
+    assert torch.equal(u, u2) and torch.equal(s, s2) and torch.equal(vh, vh2)

@@ -213,7 +213,7 @@ def test_factor_is_deterministic(tmp_path: Path) -> None:
 def test_failed_factor_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
-    fmod = importlib.import_module("wfactor.factor")  # the module, not the function of the same name
+    fmod = importlib.import_module("wfactor.factoring")
     calls = {"n": 0}
     real = fmod.plan_tensor
 

@@ -14,7 +14,7 @@ from conftest import FAMILY, invoke, one_line_error
 import wfactor
 from wfactor.errors import InputError, NotFoundError
 from wfactor.hub import HubId, index_shards, parse_hub_id, select_files
-from wfactor.sources import open_source
+from wfactor.inputs import open_source
 
 COMMIT_MAIN = "a" * 40
 COMMIT_V1 = "b" * 40

@@ -23,9 +23,9 @@ import wfactor
 from wfactor.codecs import dense, lowrank, quant, residual, sparse
 from wfactor.format.parts import PartSpec
 from wfactor.format.records import Record
+from wfactor.inputs import open_source
 from wfactor.plan import Budget, TensorPlanner, plan_tensor, rebuild_planned
 from wfactor.reconstruct import reconstruct
-from wfactor.sources import open_source
 from wfactor.tensors import bitwise_equal, from_storage
 
 

@@ -13,7 +13,7 @@ from conftest import FAMILY, invoke, one_line_error
 
 import wfactor
 from wfactor.errors import InputError
-from wfactor.sources import open_source
+from wfactor.inputs import open_source
 
 peft = pytest.importorskip("peft")  # in the `test` extra
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft's notes about non-transformers models

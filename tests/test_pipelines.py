@@ -18,7 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import wfactor  # noqa: E402
 from wfactor.errors import InputError, NotFoundError  # noqa: E402
-from wfactor.sources import open_source  # noqa: E402
+from wfactor.inputs import open_source  # noqa: E402
 
 MEMBERS = ["turbo", "style", "te_ft"]
 COMPONENTS = ["text_encoder", "unet", "vae"]

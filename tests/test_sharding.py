@@ -12,7 +12,7 @@ import wfactor
 from wfactor.errors import InputError
 from wfactor.format.safetensors_io import Entry, SafetensorsFile
 from wfactor.format.shards import parse_size, plan_shards
-from wfactor.sources import open_source
+from wfactor.inputs import open_source
 
 
 def test_parse_size() -> None:

@@ -26,7 +26,7 @@ import wfactor
 from wfactor.align import BackboneIndex, Rule, align, parse_map
 from wfactor.analyze import analyze
 from wfactor.errors import MapError
-from wfactor.sources import open_source
+from wfactor.inputs import open_source
 from wfactor.tensors import bitwise_equal
 
 FAMILY_BASE = ROOT / "fixtures" / "family" / "base"

@@ -6,16 +6,28 @@ Library entry points::
     report = wfactor.factor(["chat=ckpt/chat", "code=ckpt/code"], base="ckpt/base", out="family")
     fam = wfactor.open_family("family")
     sd = fam.state_dict("chat", device="cuda")
+
+Names load lazily (PEP 562): ``import wfactor`` and ``import wfactor.format`` need neither torch nor any
+other heavy module; ``wfactor.factor`` imports what factoring needs the first time it is used.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .errors import WfactorError  # noqa: E402
-from .factor import FactorReport, factor  # noqa: E402
-from .family import Family, open_family  # noqa: E402
-from .plan import DEFAULT_MAX_REL_ERROR, Budget  # noqa: E402
+from .version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "DEFAULT_MAX_REL_ERROR": "wfactor.budget",
+    "Budget": "wfactor.budget",
+    "FactorReport": "wfactor.factoring",
+    "factor": "wfactor.factoring",
+    "Family": "wfactor.family",
+    "open_family": "wfactor.family",
+    "WfactorError": "wfactor.errors",
+}
 
 __all__ = [
     "DEFAULT_MAX_REL_ERROR",
@@ -27,3 +39,22 @@ __all__ = [
     "factor",
     "open_family",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
+    from .budget import DEFAULT_MAX_REL_ERROR, Budget
+    from .errors import WfactorError
+    from .factoring import FactorReport, factor
+    from .family import Family, open_family
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wfactor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

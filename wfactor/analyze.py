@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
 from .align import Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
 from .drift import (  # noqa: F401  (re-exported: the drift figures are part of this module's API)
     FULL_SVD_MAX_DIM,
@@ -28,17 +27,19 @@ from .drift import (  # noqa: F401  (re-exported: the drift figures are part of 
     MemberSummary,
     Progress,
     TensorAnalysis,
-    _num,
     compare_tensor,
     component_summaries,
     effective_rank,
     group_of,
+    json_number,
     natural_key,
     summarize,
     verdict,
 )
 from .errors import InputError
-from .sources import Source, open_bases, open_source
+from .inputs import open_bases, open_source
+from .sources import Source
+from .version import __version__
 
 ANALYSIS_VERSION = 1
 

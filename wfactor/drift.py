@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .format.records import Record, rows_cols
+from .linalg import range_finder
 from .reconstruct import predict
 from .tensors import bits_view
 
@@ -86,12 +87,12 @@ class TensorAnalysis:
             "base_shape": self.base_shape,
             "base_dtype": self.base_dtype,
             "bytes": self.nbytes,
-            "rel_drift": _num(self.rel_drift),
-            "cosine": _num(self.cosine),
+            "rel_drift": json_number(self.rel_drift),
+            "cosine": json_number(self.cosine),
             "rank99": self.rank99,
-            "changed_fraction": _num(self.changed_fraction),
-            "delta_norm": _num(self.delta_norm),
-            "base_norm": _num(self.base_norm),
+            "changed_fraction": json_number(self.changed_fraction),
+            "delta_norm": json_number(self.delta_norm),
+            "base_norm": json_number(self.base_norm),
             "note": self.note,
         }
 
@@ -119,8 +120,8 @@ class GroupSummary:
             "compared": self.compared,
             "identical": self.identical,
             "bytes": self.nbytes,
-            "rel_drift": _num(self.rel_drift),
-            "max_rel_drift": _num(self.max_rel_drift),
+            "rel_drift": json_number(self.rel_drift),
+            "max_rel_drift": json_number(self.max_rel_drift),
         }
 
 
@@ -153,10 +154,10 @@ class MemberSummary:
     identical_share_bytes: float | None = None  # share of their bytes bit-identical to the base
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (_num(v) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (json_number(v) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def _num(x: float | None) -> float | None:
+def json_number(x: float | None) -> float | None:
     """A JSON-safe number: None when non-finite, else 7 significant digits (stable across BLAS builds)."""
     if x is None or not math.isfinite(x):
         return None
@@ -206,11 +207,7 @@ def effective_rank(delta: torch.Tensor, energy: float = RANK_ENERGY, seed: int =
         k = _RANDOM_SVD_START
         while k <= min(_RANDOM_SVD_MAX_K, small // 2):
             width = min(k + _RANDOM_SVD_OVERSAMPLE, small)
-            omega = torch.randn(n, width, generator=gen, dtype=torch.float32)
-            q = torch.linalg.qr(a @ omega).Q
-            for _ in range(_RANDOM_SVD_POWER_ITERS):
-                q = torch.linalg.qr(a.T @ q).Q
-                q = torch.linalg.qr(a @ q).Q
+            q = range_finder(a, width, gen, _RANDOM_SVD_POWER_ITERS)
             s = torch.linalg.svdvals(q.T @ a).to(torch.float64)
             r = _rank_from(s, total, energy)
             if r is not None and r <= k:

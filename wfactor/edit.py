@@ -28,7 +28,7 @@ from typing import Any
 
 from .align import VERDICT_SAMPLE, BackboneIndex, Rule, align, parse_map, rules_for
 from .errors import InputError, LimitError
-from .factor import (
+from .factoring import (
     MemberReport,
     Progress,
     member_entry,
@@ -36,7 +36,7 @@ from .factor import (
     write_delta,
 )
 from .family import Family
-from .format.atomic import atomic_file, fsync_dir, temp_name
+from .format.atomic import fsync_dir, temp_name
 from .format.constants import AUX_DIR, DELTAS_DIR, MANIFEST_NAME, MAX_MEMBERS
 from .format.manifest import (
     Manifest,
@@ -44,9 +44,10 @@ from .format.manifest import (
     read_manifest,
     resolve_inside,
 )
+from .inputs import open_source
 from .peft import AdapterSource, is_adapter_dir
 from .plan import Budget
-from .sources import Source, default_member_name, open_source, split_spec
+from .sources import Source, default_member_name, split_spec
 
 try:  # advisory locks: POSIX only
     import fcntl
@@ -70,8 +71,7 @@ def _locked(root: Path) -> Iterator[None]:
 
 def replace_manifest(root: Path, manifest: Manifest) -> None:
     """The commit point of an in-place change: write wfactor.json under a temporary name, fsync, rename."""
-    with atomic_file(root / MANIFEST_NAME) as tmp:
-        tmp.write_text(manifest.dumps(), encoding="utf-8")
+    manifest.write_atomic(root)
 
 
 def _free(root: Path, rel: str, taken: set[str]) -> str:
@@ -111,16 +111,6 @@ def _delete_unreferenced(root: Path, paths: list[str], man: Manifest) -> None:
     fsync_dir(root / DELTAS_DIR)
 
 
-def _check_budget(budget: Budget) -> None:
-    if budget.target_bytes is not None or budget.target_ratio is not None:
-        raise InputError(
-            "--target-bytes/--target-ratio budget a whole family; `add` factors one member against the existing "
-            "backbone: use --max-rel-error E or --lossless"
-        )
-    if not budget.lossless and not budget.max_rel_error > 0:
-        raise InputError(f"--max-rel-error must be > 0, found {budget.max_rel_error}; use --lossless for exact")
-
-
 @single_threaded
 def add(
     family: str | os.PathLike[str],
@@ -137,7 +127,8 @@ def add(
     ``force`` replaces a member of the same name. A PEFT adapter directory is read on ``base``, by default
     the backbone itself. Returns the member's report (bytes, worst error, codecs, related)."""
     budget = budget or Budget()
-    _check_budget(budget)
+    budget.validate()
+    budget.check_per_member()
     root = Path(family)
     with _locked(root):
         opened: list[Any] = []
@@ -147,7 +138,7 @@ def add(
             fam = Family(root)
             opened.append(fam)
             man = fam.manifest
-            fam._verify_backbone()  # the delta is tied to the backbone's exact bytes: check them first
+            fam.verify_backbone()  # the delta is tied to the backbone's exact bytes: check them first
             backbone = Source("backbone", root, fam.backbone_files, [])
             opened.append(backbone)
             spec_name, raw = split_spec(member)

@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FormatError, IntegrityError, MemoryLimitError, NotFoundError, WfactorError, is_allocation_failure
+from .errors import IntegrityError, MemoryLimitError, WfactorError, is_allocation_failure
 from .format import stamps
 from .format.atomic import staged_files
-from .format.constants import DTYPES, META_KIND, META_VERSION
-from .format.delta import DeltaFile, check_version
-from .format.manifest import Manifest, MemberEntry, read_manifest, shard_list_bytes
+from .format.constants import DTYPES
+from .format.delta import DeltaFile
+from .format.family_dir import FamilyDir
+from .format.manifest import MemberEntry
 from .format.parts import PartReader, PartSpec, read_part
 from .format.records import Record
-from .format.safetensors_io import Entry, SafetensorsFile, write_streaming
-from .format.stamps import file_matches
+from .format.safetensors_io import Entry, write_streaming
 from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat, to_device
 from .reconstruct import reconstruct
 from .tensors import bitwise_equal, storage_view
@@ -46,116 +46,19 @@ def out_of_memory(where: str, rec: Record, device: str | torch.device) -> Memory
     )
 
 
-class Family:
-    """An opened family directory. Cheap to open; data is read lazily, tensor by tensor."""
+class Family(FamilyDir):
+    """An opened family directory (:class:`wfactor.format.family_dir.FamilyDir`: manifest, files, checks,
+    records) that rebuilds members with torch. Cheap to open; data is read lazily, tensor by tensor."""
 
     def __init__(self, root: str | os.PathLike[str], delta_cache_bytes: int = 256 << 20) -> None:
-        self.root = Path(root)
         self._held: dict[str, dict[str, torch.Tensor]] = {}
         self._registry = BACKBONES  # the process-wide registry this Family's references are held in
         self.delta_cache = DeltaCache(delta_cache_bytes)
         self._records: dict[str, dict[str, Record]] = {}
-        self.manifest: Manifest = read_manifest(self.root)
-        self._backbone_path = self.manifest.backbone.check_size(self.root)
-        for m in self.manifest.members:  # sizes only: a stat per file, no data read (spec 9)
-            m.delta.check_size(self.root)
-            for ref in m.aux_files:
-                ref.check_size(self.root)
-        # the backbone's files: one, or the shards of a sharded backbone (spec 2.1), whose list is checked
-        # now (it is small): its digest is the backbone's, and it pins every shard's digest
-        self._bb_refs = self.manifest.backbone_shards or [self.manifest.backbone]
-        if self.manifest.backbone_shards:
-            self.manifest.backbone.check_digest(self.root)
-            if self._backbone_path.read_bytes() != shard_list_bytes(self.manifest.backbone_shards):
-                raise IntegrityError(
-                    f"{self._backbone_path}: the shard list differs from the manifest's backbone_shards; "
-                    "the family is damaged"
-                )
-        self._bb_files: list[SafetensorsFile] = []
-        self._bb_of: dict[str, SafetensorsFile] = {}
-        try:
-            for ref in self._bb_refs:
-                f = SafetensorsFile(ref.check_size(self.root))
-                self._bb_files.append(f)
-                if f.metadata.get(META_KIND) not in (None, "backbone"):
-                    raise FormatError(f"{f.path}: not a wfactor backbone (wfactor.kind is not 'backbone')")
-                if META_VERSION in f.metadata:
-                    check_version(f.metadata[META_VERSION], str(f.path))
-                for k in f.tensors:
-                    if k in self._bb_of:
-                        raise FormatError(f"{f.path}: tensor {k!r} is also in {self._bb_of[k].path}")
-                    self._bb_of[k] = f
-        except BaseException:
-            for f in self._bb_files:
-                f.close()
-            raise
-        self._bb_file = self._bb_files[0]
-        self._bb_verified = False
+        super().__init__(root)
         # a Family dropped without close() still gives its backbone references back (state_dict keeps the
         # backbone resident by default, and an unreleased reference would keep it for the process's life)
         weakref.finalize(self, _release_all, self._registry, self.manifest.backbone.sha256, self._held)
-        self._base_shapes = {k: (f.tensors[k].shape, f.tensors[k].dtype) for k, f in self._bb_of.items()}
-
-    @property
-    def backbone_files(self) -> list[Path]:
-        """The backbone's safetensors files: one, or its shards in order (spec 2.1). Their digests are checked
-        by :meth:`backbone` and :meth:`verify`, not here."""
-        return [f.path for f in self._bb_files]
-
-    # -- members -----------------------------------------------------------------------------------------
-    @property
-    def members(self) -> list[str]:
-        return [m.name for m in self.manifest.members]
-
-    def member(self, name: str) -> MemberEntry:
-        return self.manifest.member(name)
-
-    def components(self, name: str) -> list[str]:
-        """The component names of a pipeline member (``unet``, ``text_encoder``, ...); [] for a plain model."""
-        return [c.name for c in self.member(name).components]
-
-    def _component_prefix(self, name: str, component: str | None) -> str:
-        if component is None:
-            return ""
-        from .pipelines import component_of
-
-        return component_of(self.member(name), component, str(self.root))
-
-    def _verify_backbone(self, full: bool = False) -> None:
-        """Every backbone file's SHA-256, once per Family (``full``: hashed again, stamps ignored)."""
-        if full or not self._bb_verified:
-            if full and self.manifest.backbone_shards:  # the shard list too
-                self.manifest.backbone.check_digest(self.root, use_stamps=False)
-            for ref, f in zip(self._bb_refs, self._bb_files):
-                got = file_matches(f.path, ref.sha256, use_stamps=not full)
-                if got != ref.sha256:
-                    raise IntegrityError(
-                        f"{f.path}: sha256 {got[:16]}..., the manifest records "
-                        f"{ref.sha256[:16]}...; the backbone was modified or replaced"
-                    )
-            self._bb_verified = True
-
-    def open_delta(self, name: str, use_stamps: bool = True) -> DeltaFile:
-        """The member's delta, its sha256 checked (see ``stamps``) on the very open file it is then parsed and
-        read from, and its backbone digest matched to this family's backbone."""
-        entry = self.member(name)
-        path, fh = entry.delta.open_checked(self.root, use_stamps)
-        delta = DeltaFile(path, self._base_shapes, self.manifest.backbone.sha256, fh)
-        if delta.version > self.manifest.format_version:
-            delta.close()
-            raise FormatError(
-                f"{path}: a version-{delta.version} delta in a version-{self.manifest.format_version} family; "
-                "a family's format_version is at least that of each of its files (spec 8)"
-            )
-        listed = {t.name: (t.shape, t.dtype) for t in entry.tensors}
-        recorded = {r.name: (r.shape, r.dtype) for r in delta.records.values()}
-        if listed != recorded:
-            delta.close()
-            diff = sorted(set(listed.items()) ^ set(recorded.items()))[0][0]
-            raise FormatError(
-                f"{path}: the records and the manifest's tensor list of {name!r} disagree (first: {diff!r})"
-            )
-        return delta
 
     # -- backbone ----------------------------------------------------------------------------------------
     def backbone(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -174,7 +77,7 @@ class Family:
     def _load_backbone(self, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
         tensors: dict[str, torch.Tensor] = {}
         total = 0
-        for ref, f in zip(self._bb_refs, self._bb_files):  # each file hashed as it is read, unless stamped
+        for ref, f in self.backbone_parts:  # each file hashed as it is read, unless stamped
             length = f.size - f.data_start
             with f.reopen() as fh:
                 before = os.fstat(fh.fileno())
@@ -190,7 +93,7 @@ class Family:
                     stamps.remember(before, os.fstat(fh.fileno()), ref.sha256)
             tensors.update(tensors_from_flat(f, flat))
             total += length
-        self._bb_verified = True
+        self.backbone_verified = True
         return tensors, total
 
     def release(self, device: str | torch.device = "cpu") -> None:
@@ -199,12 +102,12 @@ class Family:
         if self._held.pop(key, None) is not None:
             self._registry.release(self.manifest.backbone.sha256, torch.device(device))
 
-    def _base_tensor(self, name: str, device: str | torch.device) -> torch.Tensor:
+    def base_tensor(self, name: str, device: str | torch.device) -> torch.Tensor:
         key = str(torch.device(device))
         if key in self._held:
             return self._held[key][name]
-        self._verify_backbone()
-        f = self._bb_of[name]
+        self.verify_backbone()
+        f = self.backbone_file_of(name)
         # a copy-on-write mapping of the backbone file: page cache, not anonymous memory (reconstruction
         # never writes into its base)
         return to_device(f.mapped(name), f.tensors[name].dtype, torch.device(device))
@@ -235,20 +138,20 @@ class Family:
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """:meth:`iter_tensors` over a delta the caller already opened with :meth:`open_delta` (one digest
         check for callers that read it twice, such as ``wfactor.torch.attach``)."""
-        prefix = self._component_prefix(name, component)
+        prefix = self.component_prefix(name, component)
         for meta in self.member(name).tensors:
             if not meta.name.startswith(prefix) or meta.name[len(prefix) :] in skip:
                 continue
             rec = delta.records[meta.name]
-            t = self._rebuild(delta, rec, device)
+            t = self.rebuild(delta, rec, device)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             yield meta.name[len(prefix) :], t
 
-    def _rebuild(self, delta: DeltaFile, rec: Record, device: str | torch.device) -> torch.Tensor:
+    def rebuild(self, delta: DeltaFile, rec: Record, device: str | torch.device) -> torch.Tensor:
         if rec.same_as is not None:  # tied weights: stored once, rebuilt from the record they are tied to
-            return self._rebuild(delta, delta.records[rec.same_as], device)
-        base = self._base_tensor(rec.base, device) if rec.base is not None else None
+            return self.rebuild(delta, delta.records[rec.same_as], device)
+        base = self.base_tensor(rec.base, device) if rec.base is not None else None
         where = f"{delta.file.path}: tensor {rec.name!r}"
 
         def load(spec: PartSpec) -> torch.Tensor:
@@ -302,7 +205,7 @@ class Family:
         dev = torch.device(device)
         if resident:
             self.backbone(dev)
-        prefix = self._component_prefix(name, component)
+        prefix = self.component_prefix(name, component)
         out: dict[str, torch.Tensor] = {}
         with self._delta_parts(name, dev) as (records, part, delta_path):
             for meta in self.member(name).tensors:
@@ -310,7 +213,7 @@ class Family:
                     continue
                 rec = records[meta.name]
                 src = records[rec.same_as] if rec.same_as is not None else rec
-                base = self._base_tensor(src.base, dev) if src.base is not None else None
+                base = self.base_tensor(src.base, dev) if src.base is not None else None
                 t = self._reconstruct(src, base, part, dev, delta_path, meta.name)
                 if copy and base is not None and t.data_ptr() == base.data_ptr():
                     t = t.clone()
@@ -366,9 +269,15 @@ class Family:
         return records, parts
 
     def materialize(
-        self, name: str, out: str | os.PathLike[str], force: bool = False, max_shard_size: int | str | None = None
+        self,
+        name: str,
+        out: str | os.PathLike[str],
+        force: bool = False,
+        max_shard_size: int | str | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> Path:
         """Write ``out/model.safetensors`` (original names, dtypes, order) plus the member's config files.
+        ``progress(member, bytes_written, bytes_total)`` is called after each tensor.
 
         With ``max_shard_size`` (bytes, or "500MB", "2GB", "1.5GiB"), write ``model-0000i-of-0000N.safetensors``
         shards and ``model.safetensors.index.json`` as transformers does, and return the index's path.
@@ -384,15 +293,22 @@ class Family:
         if entry.components:  # a pipeline: its component folders, configs and model_index.json (spec 3.3)
             from .pipelines import materialize_pipeline
 
-            return materialize_pipeline(self, name, out, max_bytes)
+            return materialize_pipeline(self, name, out, max_bytes, progress)
         with staged_files() as tmp_files:  # renamed into place together, or all deleted on error
             with self.open_delta(name) as delta:
                 entries = [Entry(t.name, t.dtype, t.shape) for t in entry.tensors]
 
+                total, done = sum(e.nbytes for e in entries), 0
+
                 def produce(e: Entry) -> bytes | memoryview:
+                    nonlocal done
                     rec = delta.records[e.name]
                     # the rebuilt tensor's own bytes, no copy (it is ours, or the backbone's mapping, read only)
-                    return storage_view(self._rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
+                    data = storage_view(self.rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
+                    done += e.nbytes
+                    if progress is not None:
+                        progress(name, done, total)
+                    return data
 
                 if max_bytes is None:
                     tmp = out / ".model.safetensors.tmp"
@@ -424,11 +340,11 @@ class Family:
         on_tensor: Callable[[str, str], None] | None = None,
     ) -> VerifyReport:
         """Check every digest and decode every record; with ``against`` {member: path}, compare with originals."""
-        from .sources import open_source
+        from .inputs import open_source
 
         report = VerifyReport()
         try:
-            self._verify_backbone(full=True)
+            self.verify_backbone(full=True)
             report.checked_files.append(self.manifest.backbone.path)
             report.checked_files += [r.path for r in self.manifest.backbone_shards]
         except IntegrityError as exc:
@@ -472,7 +388,7 @@ class Family:
                     report.problems.append(f"{m.name}: tensor {missing!r} is in the family but not in {src.path}")
             for meta in m.tensors:
                 rec = delta.records[meta.name]
-                y = self._rebuild(delta, rec, "cpu")
+                y = self.rebuild(delta, rec, "cpu")
                 report.tensors += 1
                 if on_tensor:
                     on_tensor(m.name, meta.name)
@@ -502,8 +418,7 @@ class Family:
         for key in list(self._held):
             self.release(key)
         self.delta_cache.clear()
-        for f in self._bb_files:
-            f.close()
+        super().close()
 
     def __enter__(self) -> Family:
         return self
@@ -544,11 +459,3 @@ class VerifyReport:
 def open_family(path: str | os.PathLike[str], delta_cache_bytes: int = 256 << 20) -> Family:
     """Open a family directory (see :class:`Family`)."""
     return Family(path, delta_cache_bytes)
-
-
-def describe_delta(path: Path) -> DeltaFile:
-    """Open a delta file on its own (``inspect FILE``): structure checks only, no backbone needed."""
-    with SafetensorsFile(path) as f:
-        if f.metadata.get(META_KIND) != "delta":
-            raise NotFoundError(f"{path}: neither a wfactor family directory nor a delta file")
-    return DeltaFile(path, None, None)

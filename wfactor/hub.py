@@ -12,13 +12,13 @@ ending in a weights suffix such as ``.safetensors``); anything else is a local p
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import InputError, NotFoundError
+from .format.shards import index_shard_names
 
 HF_PREFIX = "hf://"
 _SEGMENT = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
@@ -130,15 +130,7 @@ def select_files(hub: HubId, files: list[str], index_shards: list[str] | None = 
 
 def index_shards(hub: HubId, raw: bytes) -> list[str]:
     """The shard files a ``model.safetensors.index.json`` names (its weight_map's values), sorted."""
-    try:
-        weight_map = json.loads(raw)["weight_map"]
-        shards = sorted({str(v) for v in weight_map.values()})
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{hub}: {INDEX_NAME} is not a valid index (no weight_map of tensor -> file)") from None
-    bad = next((f for f in shards if "/" in f or "\\" in f or f.startswith(".") or not f), None)
-    if bad is not None:
-        raise InputError(f"{hub}: {INDEX_NAME} names {bad!r}, not a file beside it")
-    return shards
+    return index_shard_names(raw, f"{hub}: {INDEX_NAME}")
 
 
 def _weight_stem(name: str) -> str:

@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
-
-from .errors import InputError, NotFoundError
+from .errors import InputError
 from .format.atomic import staged_files
 from .format.components import COMPONENT_RE, SEP, Component
-from .format.safetensors_io import SafetensorsFile, loads_strict
+from .format.safetensors_io import loads_strict
 from .sources import AUX_MAX_BYTES, AUX_SUFFIXES, Source
-from .tensors import from_storage
 
 MODEL_INDEX = "model_index.json"
 # weight file names tried in a component folder, in order (diffusers models, then transformers models)
@@ -44,37 +41,13 @@ class PipelineSource(Source):
 
     components: list[Component] = field(default_factory=list)
 
+    def layout(self) -> list[tuple[str, list[Path]]]:
+        return [(f"{comp.name}{SEP}", list(comp.files)) for comp in self.components]
+
     def __post_init__(self) -> None:
-        self._open = {}
-        self._where = {}
-        self._orig: dict[str, str] = {}
-        try:
-            for comp in self.components:
-                count = 0
-                for f in comp.files:
-                    sf = SafetensorsFile(f)
-                    self._open[f] = sf
-                    for key, info in sf.tensors.items():
-                        full = f"{comp.name}{SEP}{key}"
-                        if full in self._where:
-                            raise InputError(
-                                f"{f}: tensor {key!r} also appears in {self._where[full][0]}; shards must not overlap"
-                            )
-                        self._where[full] = (f, info)
-                        self._orig[full] = key
-                        count += 1
-                comp.tensors = count
-        except BaseException:
-            self.close()
-            raise
-
-    def tensor(self, key: str) -> torch.Tensor:
-        f, info = self._where[key]
-        return from_storage(self._open[f].numpy(self._orig[key]), info.dtype)
-
-    def raw_bytes(self, key: str) -> bytes:
-        f, _info = self._where[key]
-        return self._open[f].read_bytes(self._orig[key])
+        super().__post_init__()
+        for comp in self.components:
+            comp.tensors = sum(1 for k in self.keys() if k.startswith(comp.name + SEP))
 
     def aux_relpath(self, p: Path) -> str:
         return p.relative_to(self.path).as_posix()
@@ -82,18 +55,18 @@ class PipelineSource(Source):
 
 def _weights_in(folder: Path) -> tuple[str, list[Path]] | None:
     """(weights file name to write back, source files) of one component folder, or None without weights."""
-    from .sources import _index_files
+    from .sources import index_files
 
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return name, [folder / name]
         index = folder / (name + ".index.json")
         if index.is_file():
-            return name, _index_files(index)
+            return name, index_files(index)
     found = [p for p in sorted(folder.glob("*.safetensors")) if p.is_file()]
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) == 1:
-        return indexes[0].name[: -len(".index.json")], _index_files(indexes[0])
+        return indexes[0].name[: -len(".index.json")], index_files(indexes[0])
     if len(found) == 1:
         return found[0].name, found
     if found:
@@ -189,16 +162,9 @@ def aux_destination(path: str, has_components: bool) -> str:
     return PurePosixPath(path).name
 
 
-def component_of(entry: Any, component: str, where: str) -> str:
-    """Check ``component`` names a component of the manifest member ``entry``; returns its tensor prefix."""
-    names = [c.name for c in getattr(entry, "components", [])]
-    if component not in names:
-        have = ", ".join(names) if names else "none: it is not a pipeline member"
-        raise NotFoundError(f"{where}: member {entry.name!r} has no component {component!r} (components: {have})")
-    return component + SEP
-
-
-def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | None = None) -> Path:
+def materialize_pipeline(
+    family: Any, name: str, out: Path, max_bytes: int | None = None, progress: Any = None
+) -> Path:
     """Write a pipeline member back in its own layout: each component's tensors (namespace stripped, the
     member's order) to ``out/<component file>``, sharded with an index when ``max_bytes`` is given, and
     every aux file to its relative path. Everything is written under temporary names first and renamed
@@ -212,6 +178,7 @@ def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | Non
     from .tensors import storage_view
 
     entry = family.member(name)
+    total, done = sum(Entry(t.name, t.dtype, t.shape).nbytes for t in entry.tensors), 0
     with staged_files() as tmp_files:  # renamed into place together, or all deleted on error
         with family.open_delta(name) as delta:
             for comp in entry.components:
@@ -222,8 +189,13 @@ def materialize_pipeline(family: Any, name: str, out: Path, max_bytes: int | Non
                 target.parent.mkdir(parents=True, exist_ok=True)
 
                 def produce(e: Entry, prefix: str = prefix) -> bytes | memoryview:
+                    nonlocal done
                     rec = delta.records[prefix + e.name]
-                    return storage_view(family._rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
+                    data = storage_view(family.rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
+                    done += e.nbytes
+                    if progress is not None:
+                        progress(name, done, total)
+                    return data
 
                 if max_bytes is None:
                     tmp = target.parent / f".{target.name}.tmp"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .budget import DEFAULT_MAX_REL_ERROR, Budget  # noqa: E402,F401  (the planner's options; re-exported)
 from .codecs import dense, lowrank, quant, residual, sparse
 from .codecs.base import Encoded
 from .format.constants import MAX_BITS, MIN_BITS
@@ -28,40 +29,10 @@ from .format.records import Record, Term, rows_cols
 from .reconstruct import base_view, predict, reconstruct
 from .tensors import bitwise_equal, compute_torch_dtype, format_dtype, from_storage
 
-# Default budget, relative to each tensor's drift. To first order a rebuilt model's output divergence from
-# the member is max_rel_error**2 times the member's divergence from the base, so 0.05 keeps cosine >= 0.999
-# for any fine-tune whose outputs are within cosine 0.6 of its base. 0.1 (cosine 0.9) was the first choice;
-# on the large bench family, whose full fine-tune sits at cosine 0.88 from its under-trained base, it gave
-# 0.99891 and 0.05 gave 0.99945, for ~4% more bytes on the fixture family (bench/RESULTS.md has both sweeps).
-DEFAULT_MAX_REL_ERROR = 0.05
 ERROR_FLOOR = 1e-4
 # Leave a margin below the budget when predicting a rank or a count from energies, because factors are
 # stored in float16 and the result is rounded to the target dtype.
 _MARGIN = 0.9
-
-
-@dataclass
-class Budget:
-    """What the planner may spend. ``max_rel_error`` bounds every tensor (relative to its drift).
-    ``target_bytes`` / ``target_ratio`` (of the models side by side) bound the whole family instead: bytes
-    go, across all members and tensors, where they buy the largest error reduction per byte."""
-
-    lossless: bool = False
-    max_rel_error: float = DEFAULT_MAX_REL_ERROR
-    target_bytes: int | None = None
-    target_ratio: float | None = None
-
-    @property
-    def global_target(self) -> bool:
-        return not self.lossless and (self.target_bytes is not None or self.target_ratio is not None)
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"lossless": self.lossless, "max_rel_error": self.max_rel_error}
-        if self.target_bytes is not None:
-            out["target_bytes"] = self.target_bytes
-        if self.target_ratio is not None:
-            out["target_ratio"] = self.target_ratio
-        return out
 
 
 @dataclass

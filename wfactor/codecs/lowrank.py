@@ -8,11 +8,12 @@ from typing import Any
 import torch
 
 from ..format.records import rows_cols
+from ..linalg import randomized_svd
 from ..tensors import to_storage
 from .base import Encoded
 
 NAME = "lowrank"
-FULL_SVD_MAX = 2048  # above this min-dimension, use torch.svd_lowrank
+FULL_SVD_MAX = 2048  # above this smaller dimension, a randomised SVD (wfactor.linalg)
 
 
 def spectrum(delta: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -22,17 +23,7 @@ def spectrum(delta: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Te
     if min(m, n) <= FULL_SVD_MAX:
         u, s, vh = torch.linalg.svd(d2, full_matrices=False)
         return u[:, :max_rank], s[:max_rank], vh[:max_rank]
-    g = torch.Generator(device="cpu").manual_seed(0)  # determinism: same inputs, same factors
-    q = min(max_rank + 16, min(m, n))
-    omega = torch.randn(n, q, generator=g).to(d2.device)
-    y = d2 @ omega
-    for _ in range(2):
-        y, _r = torch.linalg.qr(y)
-        y = d2 @ (d2.T @ y)
-    qm, _r = torch.linalg.qr(y)
-    b = qm.T @ d2
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    return (qm @ ub)[:, :max_rank], s[:max_rank], vh[:max_rank]
+    return randomized_svd(d2, max_rank, seed=0)  # seeded: same inputs, same factors
 
 
 def factor_dtype(u: torch.Tensor, v: torch.Tensor) -> torch.dtype:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError
-from .manifest import check_relpath
+from ..errors import FormatError, NotFoundError
+from .paths import check_relpath
 
 COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEP = "/"
@@ -55,3 +55,12 @@ def split_name(tensor: str) -> tuple[str, str]:
     """``unet/conv_in.weight`` -> (``unet``, ``conv_in.weight``)."""
     comp, _, local = tensor.partition(SEP)
     return comp, local
+
+
+def component_of(entry: Any, component: str, where: str) -> str:
+    """Check ``component`` names a component of the manifest member ``entry``; returns its tensor prefix."""
+    names = [c.name for c in getattr(entry, "components", [])]
+    if component not in names:
+        have = ", ".join(names) if names else "none: it is not a pipeline member"
+        raise NotFoundError(f"{where}: member {entry.name!r} has no component {component!r} (components: {have})")
+    return component + SEP

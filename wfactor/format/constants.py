@@ -55,6 +55,9 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "BOOL": (np.dtype("?"), 1),
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# dtypes the safetensors format defines that this version does not read (error `unsupported_dtype`, not
+# `not_safetensors`: the file is fine, the reader is behind)
+SAFETENSORS_ONLY_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "U16", "U32", "U64"})
 PART_ENCODINGS = frozenset({"raw", "zstd", "zstd_planes", "bitplanes"})
 
 

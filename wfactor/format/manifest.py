@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import FormatError, IntegrityError, LimitError, NotFoundError, VersionError
+from .atomic import atomic_file
+from .components import components_from_json, split_name
 from .constants import (
     DTYPES,
     FORMAT_VERSION,
@@ -23,6 +25,7 @@ from .constants import (
     SHA256_RE,
     SHARDED_FORMAT_VERSION,
 )
+from .paths import check_relpath
 from .safetensors_io import check_name, check_shape, loads_strict
 from .stamps import open_file_matches
 
@@ -33,16 +36,6 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def check_relpath(p: Any, where: str) -> str:
-    """Manifest paths are relative POSIX paths inside the family: no absolute paths, no '..', no '\\'."""
-    if not isinstance(p, str) or not p or "\\" in p or "\x00" in p:
-        raise FormatError(f"{where}: path must be a non-empty relative POSIX path, found {p!r}")
-    pp = PurePosixPath(p)
-    if pp.is_absolute() or any(part in ("..", ".", "") for part in p.split("/")):
-        raise FormatError(f"{where}: path {p!r} must stay inside the family directory")
-    return p
 
 
 def resolve_inside(root: Path, rel: str, where: str) -> Path:
@@ -125,6 +118,13 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: str
 
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1] if self.dtype in DTYPES else 1
+        for d in self.shape:
+            n *= d
+        return n
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
@@ -193,13 +193,10 @@ class Manifest:
         return json.dumps(self.to_json(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
 
     def write_atomic(self, root: Path) -> None:
-        """Replace wfactor.json atomically: write a temporary file, fsync, rename."""
-        tmp = root / (MANIFEST_NAME + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(self.dumps())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, root / MANIFEST_NAME)
+        """Replace wfactor.json atomically (:func:`wfactor.format.atomic.atomic_file`: a temporary file beside
+        it, fsynced, renamed over it, the directory fsynced): the commit point of every write of a family."""
+        with atomic_file(root / MANIFEST_NAME) as tmp:
+            tmp.write_text(self.dumps(), encoding="utf-8")
 
 
 def check_member_name(name: Any, where: str) -> str:
@@ -322,7 +319,6 @@ def shard_list_bytes(shards: list[FileRef]) -> bytes:
 
 def _components(obj: Any, where: str, tensors: list[TensorMeta]) -> list[Any]:
     """A pipeline member's components (spec 3.3): every tensor is ``<component>/<name>`` of a listed one."""
-    from .components import components_from_json, split_name
 
     comps = components_from_json(obj, where)
     if comps:

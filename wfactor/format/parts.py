@@ -242,7 +242,7 @@ class PartReader:
         self._futures: dict[str, Future[np.ndarray]] = {}
         if self._pool is not None:
             if f.size:
-                f._map()  # the file's one mapping, made before the threads share it
+                f.ensure_mapped()  # the file's one mapping, made before the threads share it
             for s in specs:
                 self._futures[s.key] = self._pool.submit(read_part, f, s, where[s.key])
 

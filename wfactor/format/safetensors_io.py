@@ -20,8 +20,17 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import LimitError, NotFoundError, NotSafetensorsError, WfactorError
-from .constants import DTYPES, MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_SAFETENSORS_HEADER, MAX_TENSORS
+from ..errors import LimitError, NotFoundError, NotSafetensorsError, UnsupportedDtypeError, WfactorError
+from .constants import (
+    DTYPES,
+    MAX_KEY_BYTES,
+    MAX_NAME_BYTES,
+    MAX_NDIM,
+    MAX_NUMEL,
+    MAX_SAFETENSORS_HEADER,
+    MAX_TENSORS,
+    SAFETENSORS_ONLY_DTYPES,
+)
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,12 @@ class SafetensorsFile:
             if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
                 raise NotSafetensorsError(f"{where}: entry must hold dtype, shape and data_offsets")
             dtype = entry.get("dtype")
+            if isinstance(dtype, str) and dtype in SAFETENSORS_ONLY_DTYPES:
+                raise UnsupportedDtypeError(
+                    f"{where}: dtype {dtype} is valid safetensors but this version of wfactor reads only "
+                    f"{', '.join(sorted(DTYPES))}; convert the tensor (e.g. to BF16) or upgrade wfactor",
+                    path=str(self.path), tensor=name, expected=" | ".join(sorted(DTYPES)), found=dtype,
+                )
             if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise NotSafetensorsError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
             shape = check_shape(entry.get("shape"), where)
@@ -196,6 +211,10 @@ class SafetensorsFile:
         """A new file object on the very file that was parsed (a duplicate descriptor: the same inode even if
         the path was replaced since), for sequential reads of the whole file."""
         return os.fdopen(os.dup(self._fh.fileno()), "rb")
+
+    def ensure_mapped(self) -> None:
+        """Make the file's one mapping now (before threads share the file)."""
+        self._map()
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
-from .safetensors_io import Entry, write_streaming
+from .safetensors_io import Entry, loads_strict, write_streaming
 
 _UNITS = {
     "": 1,
@@ -122,3 +122,21 @@ def write_backbone_shards(
     for name, group in zip(names, groups):
         write_streaming(root / name, group, produce, metadata, on_bytes)
     return names
+
+
+def index_shard_names(raw: bytes | str, where: str) -> list[str]:
+    """The shard files a safetensors index (``model.safetensors.index.json``, transformers' layout) names:
+    its ``weight_map``'s values, sorted and distinct, each a plain file name beside the index. The one parser
+    of such indexes, for local directories and for Hub repositories alike."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        weight_map = loads_strict(text)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+        values = list(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise InputError(f'{where}: not a safetensors index (expected JSON with a "weight_map" object)') from None
+    for n in values:
+        if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", "..") or n.startswith("."):
+            raise InputError(f"{where}: shard name {n!r} must be a plain file name in the same directory")
+    return sorted(set(values))

@@ -175,7 +175,7 @@ def attach(
     """
     dev = torch.device(device) if device is not None else _default_device(module)
     entry = family.member(name)
-    ns = family._component_prefix(name, component)  # "" or "<component>/"
+    ns = family.component_prefix(name, component)  # "" or "<component>/"
     prefixes = sorted((rename or {}).items(), key=lambda kv: -len(kv[0]))
 
     def to_module(local: str) -> str:

@@ -21,7 +21,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
-from . import __version__
 from .align import VERDICT_SAMPLE, Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
 from .backbone import medoid, pairwise, widest, write_consensus
 from .errors import InputError
@@ -53,9 +52,11 @@ from .format.manifest import (
 from .format.parts import encode_part, read_part_array
 from .format.records import Record, Term
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
+from .inputs import open_bases, open_source, split_base
 from .pipelines import aux_relpath, member_components
 from .plan import Budget, Planned, TensorPlanner, allocate, plan_tensor, rekey
-from .sources import Source, open_bases, open_source, split_base
+from .sources import Source
+from .version import __version__
 
 __all__ = ["VERDICT_SAMPLE", "FactorReport", "MemberReport", "factor"]
 
@@ -553,14 +554,7 @@ def factor(
     member: bytes, ratio, worst error, codecs.
     """
     budget = budget or Budget()
-    if not budget.lossless and not budget.max_rel_error > 0:
-        raise InputError(f"--max-rel-error must be > 0, found {budget.max_rel_error}; use --lossless for exact")
-    if budget.target_bytes is not None and budget.target_ratio is not None:
-        raise InputError("give --target-bytes or --target-ratio, not both")
-    if budget.target_bytes is not None and budget.target_bytes <= 0:
-        raise InputError(f"--target-bytes must be > 0, found {budget.target_bytes}")
-    if budget.target_ratio is not None and not 0 < budget.target_ratio:
-        raise InputError(f"--target-ratio must be > 0, found {budget.target_ratio}")
+    budget.validate()
     from .format.shards import parse_size
 
     max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
