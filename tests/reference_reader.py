@@ -1,4 +1,4 @@
-"""An independent reader of the wfactor family format v1 and v2, written from ``spec/FORMAT.md`` alone.
+"""An independent reader of the wfactor family format, versions 1 to 3, written from ``spec/FORMAT.md`` alone.
 
 It exists to show that the specification is complete: it imports only the Python standard library,
 numpy and zstandard, and shares no code with the ``wfactor`` package.

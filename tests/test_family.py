@@ -278,3 +278,14 @@ def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
 
         ref = reference_reader.open_family(out).state_dict("tied")
         assert np.array_equal(ref["lm_head.weight"], ref["embed_tokens.weight"])
+
+
+def test_records_and_one_tensor_through_the_public_api(lossless_family: Path) -> None:
+    with wfactor.open_family(lossless_family) as fam:
+        recs = fam.records("lora")
+        assert list(recs) == [t.name for t in fam.member("lora").tensors]
+        name = next(n for n, r in recs.items() if r.codec != "identical")
+        one = fam.tensor("lora", name)
+        assert bitwise_equal(one, fam.state_dict("lora")[name])
+        with pytest.raises(NotFoundError):
+            fam.tensor("lora", "no.such.tensor")

@@ -92,11 +92,22 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(mods: dict[str, Path]) -> dict[str, set[str]]:
-    """Every wfactor module each module imports, at any level (function-local imports included)."""
+    """Every wfactor module each module imports at run time, at any level (function-local imports included;
+    imports for type checkers only, under ``if TYPE_CHECKING:``, are not run and do not count)."""
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for m, p in mods.items():
         pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+            for stmt in block.body
+            for n in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     parts = pkg.split(".")

@@ -24,6 +24,7 @@ from .render import (
     factor_table,
     family_description_lines,
     human,
+    materialize_line,
     out,
     plot_heatmap,
     progress_bar,
@@ -269,24 +270,11 @@ def materialize(
 
         bar, update = progress_bar(quiet or as_json)
         with Family(family) as fam, bar:
-            path = fam.materialize(name, output, force=force, max_shard_size=max_shard_size, progress=update)
-            # a pipeline member (spec 3.3) writes component folders: list files relative to the output
-            files = sorted(
-                p.relative_to(output).as_posix()
-                for p in output.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(output).parts)
-            )
-        weights = [f for f in files if f.endswith(".safetensors")]
-        nbytes = sum((output / f).stat().st_size for f in weights)
+            done = fam.write_member(name, output, force=force, max_shard_size=max_shard_size, progress=update)
         if as_json:
-            emit_json({"member": name, "output": str(output), "files": files, "bytes": nbytes})
+            emit_json(done.to_json())
         else:
-            sharded = path.name.endswith(".index.json")
-            what = f"{path} and {len(weights)} shards" if sharded else f"{path}"
-            if path.is_dir():
-                what = f"{len(weights)} component weight file(s) under {path}"
-            n_config = len(files) - len(weights) - sharded
-            out.print(f"wrote {what} ({human(nbytes)}) and {n_config} config file(s)")
+            out.print(materialize_line(done))
 
     run(body)
 

@@ -11,29 +11,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import weakref
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .errors import IntegrityError, MemoryLimitError, WfactorError, is_allocation_failure
+from .errors import IntegrityError, MemoryLimitError, NotFoundError, WfactorError, is_allocation_failure
 from .format import stamps
-from .format.atomic import staged_files
 from .format.constants import DTYPES
 from .format.delta import DeltaFile
 from .format.family_dir import FamilyDir
 from .format.manifest import MemberEntry
 from .format.parts import PartReader, PartSpec, read_part
 from .format.records import Record
-from .format.safetensors_io import Entry, write_streaming
 from .loader import BACKBONES, DeltaCache, read_flat, tensors_from_flat, to_device
+from .materialize import Materialized, write_member
 from .reconstruct import reconstruct
-from .tensors import bitwise_equal, storage_view
+from .tensors import bitwise_equal
 
 
 def out_of_memory(where: str, rec: Record, device: str | torch.device) -> MemoryLimitError:
@@ -113,6 +110,23 @@ class Family(FamilyDir):
         return to_device(f.mapped(name), f.tensors[name].dtype, torch.device(device))
 
     # -- rebuilding --------------------------------------------------------------------------------------
+    def records(self, name: str) -> dict[str, Record]:
+        """Member ``name``'s records (spec 4.1), by tensor name, in the member's order: what each tensor is
+        predicted from (``base``), with which codecs, and its measured error. Reads only the delta's header
+        (its digest is checked)."""
+        cached = self._records.get(name)
+        if cached is not None:
+            return dict(cached)
+        with self.open_delta(name) as delta:
+            return {t.name: delta.records[t.name] for t in self.member(name).tensors}
+
+    def tensor(self, name: str, tensor: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor of member ``name``, rebuilt on ``device`` (the other tensors are not read)."""
+        with self.open_delta(name) as delta:
+            if tensor not in delta.records:
+                raise NotFoundError(f"{self.root}: member {name!r} has no tensor {tensor!r}")
+            return self.rebuild(delta, delta.records[tensor], device)
+
     def iter_tensors(
         self,
         name: str,
@@ -276,62 +290,36 @@ class Family(FamilyDir):
         max_shard_size: int | str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> Path:
-        """Write ``out/model.safetensors`` (original names, dtypes, order) plus the member's config files.
-        ``progress(member, bytes_written, bytes_total)`` is called after each tensor.
+        """Write ``out/model.safetensors`` (original names, dtypes, order) plus the member's config files, and
+        return its path (see :meth:`write_member` for everything that was written).
 
         With ``max_shard_size`` (bytes, or "500MB", "2GB", "1.5GiB"), write ``model-0000i-of-0000N.safetensors``
-        shards and ``model.safetensors.index.json`` as transformers does, and return the index's path.
-        Every file is written under a temporary name and renamed when all are complete."""
-        from .format.shards import parse_size, write_sharded
+        shards and ``model.safetensors.index.json`` as transformers does, and return the index's path. A
+        pipeline member is written in its own layout (component folders, model_index.json; spec 3.3) and the
+        output directory is returned. Every file is written under a temporary name and renamed when all are
+        complete."""
+        return self.write_member(name, out, force, max_shard_size, progress).target
+
+    def write_member(
+        self,
+        name: str,
+        out: str | os.PathLike[str],
+        force: bool = False,
+        max_shard_size: int | str | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> Materialized:
+        """:meth:`materialize`, returning what was written (:class:`wfactor.materialize.Materialized`: the
+        target, every file, the weights' bytes). ``progress(member, bytes_written, bytes_total)`` is called
+        after each tensor."""
+        from .format.shards import parse_size
 
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         out = Path(out)
-        entry = self.member(name)
+        self.member(name)  # a one-line error for an unknown member, before anything is created
         if out.exists() and any(out.iterdir()) and not force:
             raise WfactorError(f"{out}: exists and is not empty; choose another -o or pass --force")
         out.mkdir(parents=True, exist_ok=True)
-        if entry.components:  # a pipeline: its component folders, configs and model_index.json (spec 3.3)
-            from .pipelines import materialize_pipeline
-
-            return materialize_pipeline(self, name, out, max_bytes, progress)
-        with staged_files() as tmp_files:  # renamed into place together, or all deleted on error
-            with self.open_delta(name) as delta:
-                entries = [Entry(t.name, t.dtype, t.shape) for t in entry.tensors]
-
-                total, done = sum(e.nbytes for e in entries), 0
-
-                def produce(e: Entry) -> bytes | memoryview:
-                    nonlocal done
-                    rec = delta.records[e.name]
-                    # the rebuilt tensor's own bytes, no copy (it is ours, or the backbone's mapping, read only)
-                    data = storage_view(self.rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
-                    done += e.nbytes
-                    if progress is not None:
-                        progress(name, done, total)
-                    return data
-
-                if max_bytes is None:
-                    tmp = out / ".model.safetensors.tmp"
-                    tmp_files.append((tmp, out / "model.safetensors"))
-                    write_streaming(tmp, entries, produce, {"format": "pt"})
-                else:
-                    tmp_files += write_sharded(out, "model", entries, produce, {"format": "pt"}, max_bytes)
-            target = tmp_files[-1][1]
-            for ref in entry.aux_files:
-                src = ref.check_digest(self.root)
-                dst = out / Path(ref.path).name
-                t = out / f".{dst.name}.tmp"
-                tmp_files.append((t, dst))
-                shutil.copyfile(src, t)
-        # weights of an earlier materialisation (--force) would shadow or contradict the new ones
-        written = {dst.name for _, dst in tmp_files}
-        for p in out.iterdir():
-            stale = p.name in ("model.safetensors", "model.safetensors.index.json") or (
-                p.name.startswith("model-") and "-of-" in p.name and p.name.endswith(".safetensors")
-            )
-            if stale and p.name not in written and p.is_file():
-                p.unlink()
-        return target
+        return write_member(self, name, out, max_bytes, progress)
 
     # -- verification ------------------------------------------------------------------------------------
     def verify(

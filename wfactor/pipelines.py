@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 from .errors import InputError
-from .format.atomic import staged_files
 from .format.components import COMPONENT_RE, SEP, Component
 from .format.safetensors_io import loads_strict
 from .sources import AUX_MAX_BYTES, AUX_SUFFIXES, Source
@@ -150,76 +148,3 @@ def member_components(src: Source) -> list[Component]:
 
 def aux_relpath(src: Source, p: Path) -> str:
     return src.aux_relpath(p) if isinstance(src, PipelineSource) else p.name
-
-
-def aux_destination(path: str, has_components: bool) -> str:
-    """Where a materialised member's aux file goes, relative to the output directory: for a pipeline member,
-    its path without the first two segments (``aux/<member>/unet/config.json`` -> ``unet/config.json``,
-    spec 3.3); for any other member, its file name."""
-    parts = path.split("/")
-    if has_components and len(parts) > 2:
-        return "/".join(parts[2:])
-    return PurePosixPath(path).name
-
-
-def materialize_pipeline(
-    family: Any, name: str, out: Path, max_bytes: int | None = None, progress: Any = None
-) -> Path:
-    """Write a pipeline member back in its own layout: each component's tensors (namespace stripped, the
-    member's order) to ``out/<component file>``, sharded with an index when ``max_bytes`` is given, and
-    every aux file to its relative path. Everything is written under temporary names first and renamed
-    when all files are complete. Returns ``out``."""
-    import shutil
-
-    import numpy as np
-
-    from .format.safetensors_io import Entry, write_streaming
-    from .format.shards import write_sharded
-    from .tensors import storage_view
-
-    entry = family.member(name)
-    total, done = sum(Entry(t.name, t.dtype, t.shape).nbytes for t in entry.tensors), 0
-    with staged_files() as tmp_files:  # renamed into place together, or all deleted on error
-        with family.open_delta(name) as delta:
-            for comp in entry.components:
-                prefix = comp.name + SEP
-                metas = [t for t in entry.tensors if t.name.startswith(prefix)]
-                entries = [Entry(t.name[len(prefix) :], t.dtype, t.shape) for t in metas]
-                target = out / comp.file
-                target.parent.mkdir(parents=True, exist_ok=True)
-
-                def produce(e: Entry, prefix: str = prefix) -> bytes | memoryview:
-                    nonlocal done
-                    rec = delta.records[prefix + e.name]
-                    data = storage_view(family.rebuild(delta, rec, "cpu")).reshape(-1).view(np.uint8).data
-                    done += e.nbytes
-                    if progress is not None:
-                        progress(name, done, total)
-                    return data
-
-                if max_bytes is None:
-                    tmp = target.parent / f".{target.name}.tmp"
-                    tmp_files.append((tmp, target))
-                    write_streaming(tmp, entries, produce, {"format": "pt"})
-                else:
-                    stem = target.name[: -len(".safetensors")]
-                    tmp_files += write_sharded(target.parent, stem, entries, produce, {"format": "pt"}, max_bytes)
-        for ref in entry.aux_files:
-            src = ref.check_digest(family.root)
-            dst = out / aux_destination(ref.path, True)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            t = dst.parent / f".{dst.name}.tmp"
-            tmp_files.append((t, dst))
-            shutil.copyfile(src, t)
-    # weights of an earlier materialisation (--force) in another sharding would shadow the new ones
-    written = {dst for _, dst in tmp_files}
-    for comp in entry.components:
-        target = out / comp.file
-        stem = target.name[: -len(".safetensors")]
-        for p in target.parent.glob(f"{stem}*.safetensors*"):
-            sharded = re.fullmatch(
-                re.escape(stem) + r"(-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)", p.name
-            )
-            if (p.name == target.name or sharded) and p not in written and p.is_file():
-                p.unlink()
-    return out

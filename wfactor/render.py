@@ -21,6 +21,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from .factoring import FactorReport
     from .format.family_dir import DeltaDescription, FamilyDescription
+    from .materialize import Materialized
 
 out = Console()
 if not out.is_terminal:
@@ -478,3 +479,15 @@ def export_peft_lines(rep: Any, output: Path) -> list[Any]:
             t.add_row(d.tensor, d.reason, f"{d.rel_drift:.3g}")
         items.append(t)
     return items
+
+
+def materialize_line(done: Materialized) -> str:
+    """`wfactor materialize`: what was written."""
+    files = [p.relative_to(done.out).as_posix() for p in done.files]
+    weights = [f for f in files if f.endswith(".safetensors")]
+    sharded = done.target.name.endswith(".index.json")
+    what = f"{done.target} and {len(weights)} shards" if sharded else f"{done.target}"
+    if done.target.is_dir():
+        what = f"{len(weights)} component weight file(s) under {done.target}"
+    n_config = len(files) - len(weights) - sharded
+    return f"wrote {what} ({human(done.weights_bytes)}) and {n_config} config file(s)"

@@ -11,21 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CodecError, LimitError
-from .constants import DTYPES, FLOAT_DTYPES, MAX_BITS, MAX_TERMS, MIN_BITS
+from .codec_schema import CODEC_NAMES, SCHEMAS, check_params, matrix_view
+from .constants import DTYPES, FLOAT_DTYPES, MAX_TERMS
 from .parts import PartSpec
 from .safetensors_io import check_name, check_shape
 
-CODECS = ("dense", "lowrank", "sparse", "quant")
-FACTOR_DTYPES = ("F16", "BF16", "F32")
+CODECS = CODEC_NAMES
 
 
 def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
     """The matrix view of a tensor: rows = first dimension, cols = product of the rest (1-D: one row)."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return 1, shape[0]
-    return shape[0], math.prod(shape[1:])
+    return matrix_view(shape)
 
 
 @dataclass
@@ -84,13 +80,6 @@ class Record:
         return out
 
 
-def _int_param(params: dict[str, Any], key: str, where: str) -> int:
-    v = params.get(key)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise CodecError(f"{where}: parameter {key!r} must be an integer, found {v!r}")
-    return v
-
-
 def _expect(part: PartSpec, where: str, role: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
     if part.shape != shape or part.dtype not in dtypes:
         raise CodecError(
@@ -100,40 +89,28 @@ def _expect(part: PartSpec, where: str, role: str, shape: tuple[int, ...], dtype
 
 
 def validate_term(term: Term, shape: tuple[int, ...], dtype: str, where: str) -> None:
-    roles = set(term.parts)
-    m, n = rows_cols(shape)
-    if term.codec == "dense":
-        if roles != {"values"}:
-            raise CodecError(f"{where}: dense needs exactly the part 'values', found {sorted(roles)}")
-        _expect(term.parts["values"], where, "values", shape, (dtype,))
-    elif term.codec == "lowrank":
-        if roles != {"u", "v"}:
-            raise CodecError(f"{where}: lowrank needs exactly the parts 'u' and 'v', found {sorted(roles)}")
-        if len(shape) < 2:
-            raise CodecError(f"{where}: lowrank needs a tensor of at least 2 dimensions, found {list(shape)}")
-        r = _int_param(term.params, "rank", where)
-        if not 1 <= r <= min(m, n):
-            raise CodecError(f"{where}: lowrank rank {r} must lie in 1..{min(m, n)} for shape {list(shape)}")
-        _expect(term.parts["u"], where, "u", (m, r), FACTOR_DTYPES)
-        _expect(term.parts["v"], where, "v", (r, n), FACTOR_DTYPES)
-    elif term.codec == "sparse":
-        if roles != {"indices", "values"}:
-            raise CodecError(f"{where}: sparse needs exactly the parts 'indices' and 'values', found {sorted(roles)}")
-        k = _int_param(term.params, "count", where)
-        if not 0 <= k <= m * n:
-            raise CodecError(f"{where}: sparse count {k} must lie in 0..{m * n}")
-        _expect(term.parts["indices"], where, "indices", (k,), ("I64",))
-        _expect(term.parts["values"], where, "values", (k,), FACTOR_DTYPES)
-    elif term.codec == "quant":
-        if roles != {"codes", "scales"}:
-            raise CodecError(f"{where}: quant needs exactly the parts 'codes' and 'scales', found {sorted(roles)}")
-        bits = _int_param(term.params, "bits", where)
-        if not MIN_BITS <= bits <= MAX_BITS:
-            raise CodecError(f"{where}: quant bits {bits} must lie in {MIN_BITS}..{MAX_BITS}")
-        _expect(term.parts["codes"], where, "codes", (m, n), ("I8",))
-        _expect(term.parts["scales"], where, "scales", (m,), ("F32",))
-    else:
+    """A term against its codec's schema (:data:`wfactor.format.codec_schema.SCHEMAS`): parts, params, shapes."""
+    schema = SCHEMAS.get(term.codec)
+    if schema is None:
         raise CodecError(f"{where}: unknown codec {term.codec!r}; this reader knows {', '.join(CODECS)}")
+    roles = set(term.parts)
+    if roles != set(schema.roles):
+        want = " and ".join(repr(r) for r in schema.roles)
+        raise CodecError(
+            f"{where}: {schema.name} needs exactly the part{'s' if len(schema.roles) > 1 else ''} {want}, "
+            f"found {sorted(roles)}"
+        )
+    if len(shape) < schema.min_ndim:
+        raise CodecError(
+            f"{where}: {schema.name} needs a tensor of at least {schema.min_ndim} dimensions, found {list(shape)}"
+        )
+    try:
+        params = check_params(schema, term.params, shape, where)
+    except ValueError as exc:
+        raise CodecError(str(exc)) from None
+    m, n = rows_cols(shape)
+    for ps in schema.parts:
+        _expect(term.parts[ps.role], where, ps.role, ps.dims(m, n, shape, params), ps.dtypes or (dtype,))
 
 
 def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, where: str) -> Record:
