@@ -1,7 +1,8 @@
 """Issue 7, item 3 on the larger bench family: wfactor's planner at several budgets against fixed codecs
 (BitDelta-style sign + scale, SVD low rank at ranks 8-128, k-bit quantised deltas, DARE-style drop and
 rescale), bytes against the worst logit cosine over the fixed eval texts. The same machinery as
-``planner_vs_fixed.py`` (``Setup``), with fewer settings so that it fits the bench's time on 2 cores.
+``planner_vs_fixed.py`` (``bench/lossy/``, ``Setup``), with fewer settings so that it fits the bench's time on
+2 cores.
 
     WFACTOR_BENCH_LARGE_LOSSY=1 .venv/bin/python bench/lossy_large.py   # off by default: see ENV
 """
@@ -14,7 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import large_family
-from planner_vs_fixed import Encoder, Setup, enc_bitdelta, enc_dare, enc_lowrank, enc_quant, main
+from lossy.fixed_codecs import Encoder, enc_bitdelta, enc_dare, enc_lowrank, enc_quant
+from lossy.setup import Setup
+from planner_vs_fixed import main
 
 E_SWEEP = [float(x) for x in os.environ.get("WFACTOR_BENCH_LARGE_E", "0.02,0.05,0.1,0.7").split(",") if x.strip()]
 

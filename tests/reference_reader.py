@@ -47,7 +47,7 @@ import zstandard
 
 __all__ = ["RefError", "RefFamily", "open_family", "read_safetensors", "SafetensorsFile", "READER_VERSION"]
 
-READER_VERSION = 3
+READER_VERSION = 4
 
 MIB64 = 64 * 1024 * 1024
 MAX_TENSORS = 1_000_000
@@ -73,9 +73,17 @@ DTYPES: dict[str, tuple[int, np.dtype]] = {
     "I8": (1, np.dtype("i1")),
     "U8": (1, np.dtype("u1")),
     "BOOL": (1, np.dtype("?")),
+    "F8_E4M3": (1, np.dtype("u1")),  # version 4: 8-bit floats as their bit patterns
+    "F8_E5M2": (1, np.dtype("u1")),
+    "U16": (2, np.dtype("<u2")),
+    "U32": (4, np.dtype("<u4")),
+    "U64": (8, np.dtype("<u8")),
 }
-FLOATS = {"F64", "F32", "F16", "BF16"}
-CODECS = {"dense", "lowrank", "sparse", "quant"}
+# (exponent bits, mantissa bits, bias, saturating): E4M3 has no infinities and saturates (section 5.1)
+F8_KINDS = {"F8_E4M3": (4, 3, 7, True), "F8_E5M2": (5, 2, 15, False)}
+V4_DTYPES = {"F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}
+FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+CODECS = {"dense", "lowrank", "sparse", "quant", "rescale"}
 ENCODINGS = {"raw", "zstd", "zstd_planes", "bitplanes"}
 
 
@@ -264,10 +272,75 @@ def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
 
 
+def _f8_max(kind: str) -> float:
+    e_bits, m_bits, bias, sat = F8_KINDS[kind]
+    top = (1 << e_bits) - 1  # E4M3: the top exponent holds finite values but for mantissa 111 (NaN)
+    if sat:
+        return float((2 - 2 * 2.0**-m_bits) * 2.0 ** (top - bias))
+    return float((2 - 2.0**-m_bits) * 2.0 ** (top - 1 - bias))
+
+
+def _f8_to_f32(bits: np.ndarray, kind: str) -> np.ndarray:
+    """8-bit float bit patterns -> float32 values (exact)."""
+    e_bits, m_bits, bias, sat = F8_KINDS[kind]
+    b = np.asarray(bits, dtype=np.uint8).astype(np.int64)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    exp = (b >> m_bits) & ((1 << e_bits) - 1)
+    man = b & ((1 << m_bits) - 1)
+    top = (1 << e_bits) - 1
+    with np.errstate(over="ignore"):
+        val = np.where(exp == 0, man * 2.0 ** (1 - bias - m_bits), (1 + man / 2.0**m_bits) * 2.0 ** (exp - bias))
+    if sat:
+        val = np.where((exp == top) & (man == (1 << m_bits) - 1), np.nan, val)
+    else:
+        val = np.where(exp == top, np.where(man == 0, np.inf, np.nan), val)
+    return (sign * val).astype(np.float32)
+
+
+def _f32_to_f8(x: np.ndarray, kind: str) -> np.ndarray:
+    """Round float32 to an 8-bit float (section 5.1): nearest, ties to even; E4M3 saturates to +-448 (also
+    infinities), E5M2 overflows to infinity; NaN -> 0x7F. Returns the uint8 bit patterns."""
+    e_bits, m_bits, bias, sat = F8_KINDS[kind]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _f32_to_f8_bits(x, e_bits, m_bits, bias, sat, kind)
+
+
+def _f32_to_f8_bits(x: np.ndarray, e_bits: int, m_bits: int, bias: int, sat: bool, kind: str) -> np.ndarray:
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    neg = np.signbit(np.asarray(x, dtype=np.float32))
+    finite = np.isfinite(a)
+    safe = np.where(finite & (a > 0), a, 1.0)
+    _m, ex = np.frexp(safe)  # safe = _m * 2**ex, _m in [0.5, 1)
+    e = np.maximum(ex - 1, 1 - bias)  # the exponent whose quantum applies (subnormals share the smallest)
+    quantum = np.ldexp(1.0, e - m_bits)
+    q = np.rint(safe / quantum)  # round half to even
+    val = np.where(finite & (a > 0), q * quantum, 0.0)
+    mx = _f8_max(kind)
+    over = (val > mx) | ~finite
+    # the bit pattern of each (now representable) value
+    v = np.where(over, mx, val)
+    vs = np.where(v > 0, v, 1.0)
+    _m2, ex2 = np.frexp(vs)
+    e2 = ex2 - 1
+    sub = e2 < 1 - bias
+    man = np.where(sub, vs / 2.0 ** (1 - bias - m_bits), vs / np.ldexp(1.0, e2 - m_bits) - (1 << m_bits))
+    expf = np.where(sub, 0, e2 + bias)
+    bits = ((expf.astype(np.int64) << m_bits) | np.rint(man).astype(np.int64)).astype(np.int64)
+    bits = np.where(v > 0, bits, 0)
+    if not sat:  # E5M2: overflow (and infinity) is infinity
+        bits = np.where(over, ((1 << e_bits) - 1) << m_bits, bits)
+    bits = bits | np.where(neg, 0x80, 0)
+    bits = np.where(np.isnan(np.asarray(x, dtype=np.float32)), 0x7F, bits)
+    return bits.astype(np.uint8)
+
+
 def _cast_c(a: np.ndarray, dtype: str, c: np.dtype) -> np.ndarray:
-    """cast_C: the array ``a`` holding values of ``dtype`` (BF16 as uint16 bits) as compute dtype ``c``."""
+    """cast_C: the array ``a`` holding values of ``dtype`` (BF16 as uint16 bits, F8 as uint8 bits) as
+    compute dtype ``c``."""
     if dtype == "BF16":
         return _bf16_to_f32(a).astype(c)
+    if dtype in F8_KINDS:
+        return _f8_to_f32(a, dtype).astype(c)
     return a.astype(c)
 
 
@@ -275,6 +348,8 @@ def _round_t(x: np.ndarray, t: str) -> np.ndarray:
     """round_T of section 5.1 step 3, from the compute dtype to T."""
     if t == "BF16":
         return _f32_to_bf16(x)
+    if t in F8_KINDS:
+        return _f32_to_f8(x, t)
     canonical = {
         "F64": (np.float64, np.uint64, 0x7FF8000000000000),
         "F32": (np.float32, np.uint32, 0x7FC00000),
@@ -495,6 +570,8 @@ class RefFamily:
                         union.entries[name] = st.entries[name]
                         union.files[name] = st
                 self._backbone = union  # type: ignore[assignment]
+            if self.format_version < 4 and any(e[0] in V4_DTYPES for e in self._backbone.entries.values()):
+                raise RefError("format", "backbone: F8/U16/U32/U64 tensors need format_version 4")
         return self._backbone
 
     # -- delta ----------------------------------------------------------------------------------------
@@ -558,6 +635,14 @@ class RefFamily:
             for part in [r.get("residual")] + [p for t in r.get("terms") or [] for p in (t.get("parts") or {}).values()]
         ):
             raise RefError("format", f"{what}: a bitplanes part needs format version 3, the delta is v{version}")
+        if version < 4 and any(
+            r.get("dtype") in V4_DTYPES
+            or any(isinstance(t, dict) and t.get("codec") == "rescale" for t in r.get("terms") or [])
+            for r in records
+        ):
+            raise RefError(
+                "format", f"{what}: an F8/U16/U32/U64 record or a rescale term needs version 4, the delta is v{version}"
+            )
         if keys != set(st.entries):
             stray = sorted(set(st.entries) - keys)[:5]
             raise RefError("format", f"{what}: tensors not named by any part: {stray}")
@@ -665,6 +750,7 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
             "lowrank": {"u", "v"},
             "sparse": {"indices", "values"},
             "quant": {"codes", "scales"},
+            "rescale": {"scales"},
         }[codec]
         if set(parts) != roles:
             raise RefError("codec", f"{tw}: {codec} needs parts {sorted(roles)}, has {sorted(parts)}")
@@ -681,6 +767,8 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
             count = _int_param(params, "count", 0, m * n, tw)
             _expect(ps["indices"], "I64", [count], tw)
             _expect(ps["values"], {"F16", "BF16", "F32"}, [count], tw)
+        elif codec == "rescale":
+            _expect(ps["scales"], "F32", [m], tw)
         else:
             _int_param(params, "bits", 2, 8, tw)
             _expect(ps["codes"], "I8", [m, n], tw)
@@ -700,6 +788,8 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
         raise RefError("codec", f"{what}: a dense term must be the only term, with a null base")
     if t not in FLOATS and any(c != "dense" for c in codecs):
         raise RefError("codec", f"{what}: integer/BOOL records may only use dense")
+    if "rescale" in codecs[1:] or (codecs[:1] == ["rescale"] and base is None):
+        raise RefError("codec", f"{what}: a rescale term must be the first term, of a record with a base")
     if "lowrank" in codecs and residual is not None:
         raise RefError("codec", f"{what}: a lowrank record must not have a residual")
 
@@ -809,6 +899,10 @@ def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.
             x = bc if list(b.shape) == shape else _padded_view(bc, shape, c)
         m, n = _matrix_view(shape)
         with np.errstate(all="ignore"):
+            if terms and terms[0]["codec"] == "rescale":  # section 5.1: X <- X / s, row by row, first
+                s_ = _cast_c(_decode_part(terms[0]["parts"]["scales"], st), "F32", c)
+                x = (x.reshape(m, n) / s_[:, None]).reshape(shape)
+                terms = terms[1:]
             for term in terms:
                 x = x + _term_value(term, st, shape, m, n, c)
             y = _round_t(x, t)

@@ -76,7 +76,12 @@ def test_cases_index() -> None:
         assert c["rule"] and c["section"] and c["member"] == "m", c
         if c["file"]:
             assert os.path.lexists(INVALID / c["family"] / c["file"]), c
-    assert [c["name"] for c in CASES if c["code"] is None] == ["valid", "valid_bitplanes", "valid_towers"]
+    assert [c["name"] for c in CASES if c["code"] is None] == [
+        "valid",
+        "valid_bitplanes",
+        "valid_low_precision",
+        "valid_towers",
+    ]
     # every error code a file can provoke has a case
     assert {c["code"] for c in CASES} >= {
         "not_safetensors", "format", "limit", "version", "codec", "integrity", "backbone_mismatch", "not_found"
@@ -145,11 +150,13 @@ def _as_numpy(t: Any) -> np.ndarray:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8).numpy()
     out: np.ndarray = t.numpy()
     return out
 
 
-@pytest.mark.parametrize("control", ["valid", "valid_bitplanes", "valid_towers"])
+@pytest.mark.parametrize("control", ["valid", "valid_bitplanes", "valid_low_precision", "valid_towers"])
 def test_control_case_is_rebuilt_identically(control: str) -> None:
     import wfactor
 
@@ -169,7 +176,10 @@ def test_control_case_is_rebuilt_identically(control: str) -> None:
             assert a.tobytes() == b.tobytes(), name
     # the control exercises what the cases break
     codecs = {t["codec"] for r in records.values() for t in r["terms"]}
-    assert codecs == {"dense", "lowrank", "sparse", "quant"}
+    v4 = {"rescale"} if control == "valid_low_precision" else set()
+    assert codecs == {"dense", "lowrank", "sparse", "quant"} | v4
+    if control == "valid_low_precision":
+        assert {r["dtype"] for r in records.values()} >= {"F8_E4M3", "F8_E5M2", "U16"}
     encodings = {p["encoding"] for r in records.values() for t in r["terms"] for p in t["parts"].values()}
     # the bit-plane control stores the quant codes, its only zstd part, as planes
     want = {"raw", "zstd_planes", "bitplanes"} if control == "valid_bitplanes" else {"raw", "zstd", "zstd_planes"}

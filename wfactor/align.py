@@ -256,9 +256,10 @@ def _rule_verdict(
     """analyze's verdict over these pairs alone (member tensors compared with their aligned base tensors)."""
     analyses = []
     for m, b in pairs:
-        mi, bi = member.info(m), backbone.info(b)
-        w, t = member.tensor(m), backbone.tensor(b)
-        analyses.append(compare_tensor(m, w, t, member_dtype=mi.dtype, base_dtype=bi.dtype, ranks=False, sample=sample))
+        bi = backbone.info(b)
+        w, mdtype = member.analysis_tensor(m)  # a quantised weight: dequantised
+        t = backbone.tensor(b)
+        analyses.append(compare_tensor(m, w, t, member_dtype=mdtype, base_dtype=bi.dtype, ranks=False, sample=sample))
         del w, t
     summary, _groups = summarize(analyses)
     shares_nothing = not any(a.shape == a.base_shape for a in analyses)

@@ -159,9 +159,9 @@ def analyze_member(
             )
         else:
             binfo = base.info(bname)
-            w = member.tensor(key)
+            w, mdtype = member.analysis_tensor(key)  # a quantised weight: its dequantised values
             b = base.tensor(bname)
-            ta = compare_tensor(key, w, b, member_dtype=info.dtype, base_dtype=binfo.dtype, ranks=ranks, sample=sample)
+            ta = compare_tensor(key, w, b, member_dtype=mdtype, base_dtype=binfo.dtype, ranks=ranks, sample=sample)
             ta.base = bname
             del w, b
         tensors.append(ta)

@@ -32,12 +32,13 @@ from .format.constants import (
     BACKBONE_SHARD_PREFIX,
     DELTAS_DIR,
     FORMAT_VERSION,
+    LOW_PRECISION_DTYPES,
+    LOW_PRECISION_FORMAT_VERSION,
     META_BACKBONE,
     META_KIND,
     META_MEMBER,
     META_RECORDS,
     META_VERSION,
-    PLANES_FORMAT_VERSION,
     SHARDED_FORMAT_VERSION,
 )
 from .format.manifest import (
@@ -50,11 +51,12 @@ from .format.manifest import (
     shard_list_bytes,
 )
 from .format.parts import encode_part, read_part_array
-from .format.records import Record, Term
+from .format.records import Record, Term, record_version
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
 from .inputs import open_bases, open_source, split_base
 from .pipelines import aux_relpath, member_components
-from .plan import Budget, Planned, TensorPlanner, allocate, plan_tensor, rekey
+from .plan import Budget, Planned, TensorPlanner, allocate, plan_prescaled, plan_tensor, rekey
+from .quantized import QuantizedSource
 from .sources import Source
 from .version import __version__
 
@@ -80,6 +82,7 @@ class MemberReport:
     codecs: dict[str, CodecStat] = field(default_factory=dict)
     related: bool = True
     alignment: dict[str, Any] | None = None  # wfactor.align.Alignment.to_json()
+    quantization: dict[str, Any] | None = None  # a quantised checkpoint (wfactor.quantized)
 
     @property
     def ratio(self) -> float:
@@ -97,7 +100,7 @@ class MemberReport:
             "related": self.related,
             "codecs": {k: {"tensors": v.tensors, "bytes": v.bytes} for k, v in sorted(self.codecs.items())},
             "alignment": self.alignment,
-        }
+        } | ({"quantization": self.quantization} if self.quantization is not None else {})
 
 
 @dataclass
@@ -148,6 +151,12 @@ def _summarise(
     return rep
 
 
+def backbone_version(base: Source, version: int) -> int:
+    """``version``, or 4 when the backbone holds low-precision tensors (F8, U16-U64; spec 8)."""
+    low = any(base.info(k).dtype in LOW_PRECISION_DTYPES for k in base.keys())
+    return max(version, LOW_PRECISION_FORMAT_VERSION) if low else version
+
+
 def write_backbone(base: Source, path: Path, progress: Progress | None = None) -> None:
     entries = [Entry(k, base.info(k).dtype, base.info(k).shape) for k in base.keys()]
     total = sum(e.nbytes for e in entries)
@@ -162,7 +171,7 @@ def write_backbone(base: Source, path: Path, progress: Progress | None = None) -
         if progress:
             progress("backbone", done, total)
 
-    meta = {META_KIND: "backbone", META_VERSION: str(FORMAT_VERSION)}
+    meta = {META_KIND: "backbone", META_VERSION: str(backbone_version(base, FORMAT_VERSION))}
     write_streaming(path, entries, produce, meta, tick)
 
 
@@ -184,7 +193,7 @@ def write_backbone_sharded(
         if progress:
             progress("backbone", done, total)
 
-    meta = {META_KIND: "backbone", META_VERSION: str(SHARDED_FORMAT_VERSION)}
+    meta = {META_KIND: "backbone", META_VERSION: str(backbone_version(base, SHARDED_FORMAT_VERSION))}
     names = write_backbone_shards(
         root, BACKBONE_SHARD_PREFIX, entries, lambda e: base.raw_bytes(e.name), meta, max_bytes, tick
     )
@@ -273,6 +282,8 @@ def write_delta(
     total, done = member.nbytes, 0
     seen: dict[tuple[str, tuple[int, ...], str], str] = {}  # content digest -> first tensor with it
     mapping = alignment.mapping if alignment is not None else {k: k for k in member.keys() if k in base}
+    # a quantised checkpoint is served as it is: every tensor of it comes back bit for bit
+    tensor_budget = Budget(lossless=True) if isinstance(member, QuantizedSource) else budget
     known = alignment.digests if alignment is not None else {}
     try:
         for key in member.keys():
@@ -294,7 +305,11 @@ def write_delta(
             bname = mapping.get(key)
             base_t = base.tensor(bname) if bname is not None else None
             option = options.get(key) if options else None
-            planned = plan_tensor(key, target, bname, base_t, budget, option)
+            scales = member.prescale(key) if base_t is not None else None
+            if scales is not None and base_t is not None and bname is not None:
+                planned = plan_prescaled(key, target, bname, base_t, scales)  # a quantised weight: lossless
+            else:
+                planned = plan_tensor(key, target, bname, base_t, tensor_budget, option)
             planned = rekey(planned, str(len(records)))
             if fast_load:
                 planned = codes_as_planes(planned)
@@ -339,9 +354,9 @@ def codes_as_planes(p: Planned) -> Planned:
 
 
 def delta_version(records: list[Record]) -> int:
-    """The lowest version that describes these records (spec 8): 3 with a bitplanes part, else 1."""
-    planes = any(s.encoding == "bitplanes" for r in records for s in r.part_specs())
-    return PLANES_FORMAT_VERSION if planes else FORMAT_VERSION
+    """The lowest version that describes these records (spec 8): 4 with a low-precision dtype or a rescale
+    term, 3 with a bitplanes part, else 1."""
+    return max([FORMAT_VERSION] + [record_version(r) for r in records])
 
 
 def _records_json(records: list[Record]) -> str:
@@ -368,6 +383,8 @@ def member_entry(
     plan = rep.to_json()
     plan.pop("name")
     plan.pop("alignment")
+    if isinstance(src, QuantizedSource):
+        rep.quantization = plan["quantization"] = src.describe()
     if alignment is not None:
         rep.alignment = alignment.to_json()
         if not alignment.trivial:
@@ -431,7 +448,8 @@ def _write_family(
     )
     entries: list[MemberEntry] = []
     reports: list[MemberReport] = []
-    version = SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION  # raised to 3 by a delta with bit planes
+    # raised to 3 by a delta with bit planes, to 4 by low-precision tensors anywhere
+    version = backbone_version(base_src, SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION)
     for src in sources:
         rel = f"{DELTAS_DIR}/{src.name}.safetensors"
         # what does not align is stored dense: all of an unrelated member (stored whole, compressed)

@@ -25,6 +25,7 @@ from .hub import parse_hub_id
 from .hub import resolve as resolve_hub
 from .peft import ADAPTER_CONFIG, is_adapter_dir, open_adapter
 from .pipelines import open_pipeline, pipeline_layout
+from .quantized import QuantizedSource, check_method, quantization_config
 from .sources import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -80,6 +81,12 @@ def _model_dir(path: Path, name: str, base: str | None, hub_ref: str | None) -> 
                 "*.safetensors (convert .bin checkpoints with safetensors first)"
             )
         files = found
+    q = quantization_config(path)
+    if q is not None:  # a quantised checkpoint (wfactor/quantized.py)
+        method, fmt = check_method(q, str(path / "config.json"))
+        return QuantizedSource(
+            name, path, files, aux_files(path, set(files)), hub=hub_ref, method=method, quant_format=fmt
+        )
     return Source(name, path, files, aux_files(path, set(files)), hub=hub_ref)
 
 

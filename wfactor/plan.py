@@ -27,7 +27,7 @@ from .format.constants import MAX_BITS, MIN_BITS
 from .format.parts import PartSpec, encode_part, read_part_array
 from .format.records import Record, Term, rows_cols
 from .reconstruct import base_view, predict, reconstruct
-from .tensors import bitwise_equal, compute_torch_dtype, format_dtype, from_storage
+from .tensors import bitwise_equal, compute_torch_dtype, format_dtype, from_storage, storage_view
 
 ERROR_FLOOR = 1e-4
 # Leave a margin below the budget when predicting a rank or a count from energies, because factors are
@@ -477,3 +477,27 @@ def allocate(ladders: list[list[tuple[str, int, float]]], spend: int) -> tuple[l
             pos[i] = k + 1
             push(i)
     return [h[k][0] for h, k in zip(hulls, pos)], used
+
+
+def plan_prescaled(
+    name: str, target: torch.Tensor, base_name: str, base: torch.Tensor, scales: torch.Tensor
+) -> Planned:
+    """A quantised member tensor ``target`` = round(W / s) (one float32 scale per row, ``scales``), stored
+    lossless against its float base: the prediction round(B / s) (a ``rescale`` term, spec 4.2) plus the XOR
+    residual of the codes that differ (none for a plain quantised copy of the base), or the tensor dense
+    when that is smaller. The member's own scales are a tensor of the member as well (stored as they are)."""
+    s = scales.to(torch.float32).reshape(-1).contiguous()
+    rescale = Encoded("rescale", {}, {"scales": (storage_view(s), "F32", "zstd_planes")})
+    probe = assemble(name, target, base_name, [rescale], None)
+
+    def load(spec: PartSpec) -> torch.Tensor:
+        return from_storage(read_part_array(spec, probe.stored[spec.key], spec.key), spec.dtype)
+
+    pred = predict(probe.record, base, load, base.device)
+    exact = bitwise_equal(pred, target)
+    p = probe if exact else assemble(name, target, base_name, [rescale], residual.encode(target, pred))
+    if not exact and p.nbytes > EXACT_TRY_DENSE * target.numel() * target.element_size():
+        d = assemble(name, target, None, [dense.encode(target)], None)
+        p = d if d.nbytes < p.nbytes else p
+    p.record.error = {"rel_l2": 0.0, "max_abs": 0.0}
+    return p

@@ -12,12 +12,13 @@ from collections.abc import Callable
 
 import torch
 
+from .codecs import rescale
 from .codecs import residual as residual_codec
 from .codecs.registry import decode_term
 from .errors import CodecError
 from .format.parts import PartSpec
 from .format.records import Record
-from .tensors import TORCH_DTYPES, compute_torch_dtype
+from .tensors import F8_TORCH, TORCH_DTYPES, compute_torch_dtype
 
 PartLoader = Callable[[PartSpec], torch.Tensor]
 
@@ -48,6 +49,13 @@ def canonical_nan(y: torch.Tensor) -> torch.Tensor:
     arithmetic and casts differ between devices and libraries; the residual restores the original ones."""
     if not y.is_floating_point():
         return y
+    if y.dtype in F8_TORCH:  # 8-bit floats: no arithmetic on them in torch; the canonical NaN is 0x7F
+        nan = torch.isnan(y)
+        if not bool(nan.any()):
+            return y
+        raw = y.view(torch.uint8).clone()
+        raw[nan] = 0x7F
+        return raw.view(y.dtype)
     # Cheap prefilter: a NaN anywhere makes the sum NaN; a NaN-free tensor sums to a number or, on
     # overflow, to an infinity or (inf - inf) a NaN, and only then is the elementwise scan needed.
     if not bool(torch.isnan(y.sum())):
@@ -76,7 +84,11 @@ def predict(record: Record, base: torch.Tensor | None, load: PartLoader, device:
     owned = False  # x may be the backbone's own tensor (or a part) until the first sum makes a new one
     if base is not None:
         x = base_view(base.to(device), record.shape, cdtype)
-    for term in record.terms:
+    terms = record.terms
+    if terms[0].codec == "rescale":  # X <- X / s before the added terms (spec 5.1; validated: it has a base)
+        assert x is not None
+        x, owned, terms = rescale.apply(x, load(terms[0].parts["scales"]), record.shape), True, terms[1:]
+    for term in terms:
         parts = {role: load(spec) for role, spec in term.parts.items()}
         if term.codec == "lowrank" and x is not None and not owned:
             # X + U V in one pass over X (the product's summation order is the implementation's: spec 5.3)

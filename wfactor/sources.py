@@ -111,6 +111,16 @@ class Source:
         f, _info = self._where[key]
         return self._open[f].read_bytes(self._in_file[key])
 
+    def prescale(self, key: str) -> torch.Tensor | None:
+        """For a quantised member's weight stored as round(W / s): its scales s, one per row (float32);
+        None for every other tensor (:class:`wfactor.quantized.QuantizedSource`)."""
+        return None
+
+    def analysis_tensor(self, key: str) -> tuple[torch.Tensor, str]:
+        """The tensor as analysis compares it with a base, and its dtype: itself, or for a quantised weight
+        its dequantised values W = Q * s in float32."""
+        return self.tensor(key), self.info(key).dtype
+
     @property
     def nbytes(self) -> int:
         return sum(info.nbytes for _, info in self._where.values())

@@ -18,7 +18,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
+F8_TORCH = (torch.float8_e4m3fn, torch.float8_e5m2)
 FORMAT_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -39,6 +45,8 @@ def from_storage(arr: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr))
     if dtype == "BF16":
         t = t.view(torch.int16).view(torch.bfloat16) if t.dtype != torch.int16 else t.view(torch.bfloat16)
+    elif dtype in ("F8_E4M3", "F8_E5M2"):
+        t = t.view(torch.uint8).view(TORCH_DTYPES[dtype])
     return t
 
 
@@ -48,6 +56,8 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
     dtype = format_dtype(t.dtype)
     if dtype == "BF16":
         return t.view(torch.int16).numpy().view(DTYPES["BF16"][0]).copy()
+    if t.dtype in F8_TORCH:
+        return t.view(torch.uint8).numpy().copy()
     return t.numpy().copy()
 
 
@@ -59,6 +69,8 @@ def storage_view(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if format_dtype(t.dtype) == "BF16":
         return t.view(torch.int16).numpy().view(DTYPES["BF16"][0])
+    if t.dtype in F8_TORCH:
+        return t.view(torch.uint8).numpy()
     return t.numpy()
 
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from common import fmt_cos
+from common import UNRELATED, fmt_cos
 
+import wfactor
 from lossy.points import Point, fam_key, rel_key
+from lossy.setup import Run
 
 QUALITY = 0.999  # acceptance 1 threshold
 SMALLER = 0.30  # acceptance 2: at least 30% smaller, i.e. planner bytes <= 0.7 x fixed bytes
@@ -90,3 +93,64 @@ def issue7_lossy(candidates: list[Point], fixed: list[Point]) -> tuple[list[str]
             f"hardest {worst['fixed'].label}, worst {fmt_cos(worst['fixed'].worst)})."
         )
     return lines, out
+
+
+@dataclass
+class Compared:
+    """A run's comparisons, on which the verdict and the report rest."""
+
+    default: Point  # the planner at wfactor's default budget
+    candidates: list[Point]  # every planner point: the E sweep, the byte targets, lossless
+    lit: list[dict[str, Any]]  # each fixed setting vs the cheapest planner point at >= its cosine (family bytes)
+    lit_rel: list[dict[str, Any]]  # the same on the related members' delta bytes
+    lit_view: list[dict[str, Any]]  # family bytes, fixed codecs sharing the base's rows for the grown vocabulary
+    worst_lit: dict[str, Any]
+    worst_rel: dict[str, Any]
+    worst_view: dict[str, Any]
+    goal1: bool  # acceptance 1: the default budget keeps worst cosine >= QUALITY
+    goal2: bool  # acceptance 2: every fixed setting beaten by >= SMALLER on family bytes
+    floor: int  # bytes no codec choice can remove: the backbone and the unrelated member (stored whole by everyone)
+    unreachable: list[Point]  # fixed settings whose family bytes x (1 - SMALLER) are below the floor
+
+
+def compare_run(run: Run) -> Compared:
+    planner, lossless, fixed = run.planner, run.lossless, run.fixed
+    default = next(p for p in planner if p.setting == f"E={wfactor.DEFAULT_MAX_REL_ERROR:g}")
+    candidates = planner + run.target_points + [lossless]
+    lit = literal_rows(candidates, fixed, fam_key)
+    lit_rel = literal_rows(candidates, fixed, rel_key)
+    lit_view = literal_rows(candidates, run.fixed_view, fam_key)
+    worst_lit = max(lit, key=lambda r: r["ratio"])
+    worst_rel = max(lit_rel, key=lambda r: r["ratio"])
+    worst_view = max(lit_view, key=lambda r: r["ratio"])
+    goal1 = default.worst >= QUALITY
+    goal2 = all(r["ok"] for r in lit)
+    floor = min(p.backbone + p.member_bytes[UNRELATED] for p in candidates)
+    unreachable = [f for f in fixed if (1 - SMALLER) * f.family_bytes < floor]
+    return Compared(
+        default, candidates, lit, lit_rel, lit_view, worst_lit, worst_rel, worst_view, goal1, goal2, floor, unreachable
+    )
+
+
+def verdict_figures(c: Compared) -> dict[str, Any]:
+    """The verdict as the JSON records it (``issue7_lossy`` is added by the report)."""
+    default, lit, lit_rel, lit_view = c.default, c.lit, c.lit_rel, c.lit_view
+    goal1, goal2, worst_lit, worst_rel, worst_view = c.goal1, c.goal2, c.worst_lit, c.worst_rel, c.worst_view
+    floor, unreachable = c.floor, c.unreachable
+    return {
+        "quality_met": goal1,
+        "default_worst": default.worst,
+        "smaller_met": goal2,
+        "smaller_beaten": sum(r["ok"] for r in lit),
+        "fixed_settings": len(lit),
+        "worst_literal_ratio": worst_lit["ratio"],
+        "worst_literal_setting": worst_lit["fixed"].label,
+        "related_only_met": all(r["ok"] for r in lit_rel),
+        "related_only_beaten": sum(r["ok"] for r in lit_rel),
+        "worst_related_ratio": worst_rel["ratio"],
+        "worst_related_setting": worst_rel["fixed"].label,
+        "grown_view_met": all(r["ok"] for r in lit_view),
+        "worst_grown_view_ratio": worst_view["ratio"],
+        "floor_bytes": floor,
+        "fixed_below_floor": len(unreachable),
+    }

@@ -44,6 +44,8 @@ class CodecSchema:
     parts: tuple[PartSchema, ...]
     min_ndim: int = 0  # lowrank needs a matrix
     floating_only: bool = True  # integer and BOOL records may use only dense (spec 4.1)
+    first_only: bool = False  # rescale: divides the base view, so it comes before every added term
+    version: int = 1  # the format version that introduced it (spec 8)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -83,6 +85,11 @@ SCHEMAS: dict[str, CodecSchema] = {
             PartSchema("codes", lambda m, n, s, p: (m, n), ("I8",)),
             PartSchema("scales", lambda m, n, s, p: (m,), ("F32",)),
         ),
+    ),
+    # version 4: X <- X / s, row by row, before any other term (a member stored as round(W / s), e.g. the
+    # fp8 weights of a compressed-tensors checkpoint with one scale per output channel)
+    "rescale": CodecSchema(
+        "rescale", (), (PartSchema("scales", lambda m, n, s, p: (m,), ("F32",)),), first_only=True, version=4
     ),
 }
 CODEC_NAMES = tuple(SCHEMAS)

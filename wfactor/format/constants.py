@@ -9,7 +9,8 @@ import numpy as np
 FORMAT_VERSION = 1  # what is written for a family without a sharded backbone (spec section 8)
 SHARDED_FORMAT_VERSION = 2  # a family with a sharded backbone (spec section 2.1)
 PLANES_FORMAT_VERSION = 3  # a delta with a `bitplanes` part, and a family holding one (spec sections 4.3, 8)
-MAX_FORMAT_VERSION = 3  # the newest version this reader reads
+LOW_PRECISION_FORMAT_VERSION = 4  # files with F8 / unsigned 16-64-bit tensors or a `rescale` term (spec 6, 4.2)
+MAX_FORMAT_VERSION = 4  # the newest version this reader reads
 BACKBONE_LIST_NAME = "backbone.sha256"  # the shard list of a sharded backbone
 BACKBONE_SHARD_PREFIX = "backbone"
 MANIFEST_NAME = "wfactor.json"
@@ -53,11 +54,20 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "I8": (np.dtype("i1"), 1),
     "U8": (np.dtype("u1"), 1),
     "BOOL": (np.dtype("?"), 1),
+    # version 4 (spec 6): 8-bit floats are carried as their uint8 bit patterns, as BF16 is as uint16
+    "F8_E4M3": (np.dtype("u1"), 1),
+    "F8_E5M2": (np.dtype("u1"), 1),
+    "U16": (np.dtype("<u2"), 2),
+    "U32": (np.dtype("<u4"), 4),
+    "U64": (np.dtype("<u8"), 8),
 }
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+F8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"}) | F8_DTYPES
+# dtypes that make a file version 4 (spec 8)
+LOW_PRECISION_DTYPES = F8_DTYPES | {"U16", "U32", "U64"}
 # dtypes the safetensors format defines that this version does not read (error `unsupported_dtype`, not
 # `not_safetensors`: the file is fine, the reader is behind)
-SAFETENSORS_ONLY_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "U16", "U32", "U64"})
+SAFETENSORS_ONLY_DTYPES = frozenset({"F8_E8M0", "F6_E2M3", "F6_E3M2", "F4"})
 PART_ENCODINGS = frozenset({"raw", "zstd", "zstd_planes", "bitplanes"})
 
 

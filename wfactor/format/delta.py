@@ -8,6 +8,7 @@ from typing import BinaryIO
 
 from ..errors import BackboneMismatchError, CodecError, FormatError, LimitError, VersionError
 from .constants import (
+    LOW_PRECISION_FORMAT_VERSION,
     MAX_FORMAT_VERSION,
     MAX_TENSORS,
     META_BACKBONE,
@@ -18,7 +19,7 @@ from .constants import (
     PLANES_FORMAT_VERSION,
     SHA256_RE,
 )
-from .records import Record, record_from_json
+from .records import Record, record_from_json, record_version
 from .safetensors_io import SafetensorsFile, loads_strict
 
 
@@ -88,6 +89,11 @@ class DeltaFile:
                         f"{where}: tensor {rec.name!r} is same_as {rec.same_as!r}, which must be an earlier record "
                         "of the same shape and dtype that is not itself same_as"
                     )
+            if self.version < LOW_PRECISION_FORMAT_VERSION and record_version(rec) >= LOW_PRECISION_FORMAT_VERSION:
+                raise FormatError(
+                    f"{where}: tensor {rec.name!r} is {rec.dtype} or has a rescale term, which needs {META_VERSION} "
+                    f"{LOW_PRECISION_FORMAT_VERSION}; the file says {self.version}"
+                )
             for spec in rec.part_specs():
                 if spec.encoding == "bitplanes" and self.version < PLANES_FORMAT_VERSION:
                     raise FormatError(

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import FormatError, IntegrityError, NotFoundError
 from .components import component_of
-from .constants import META_KIND, META_VERSION
+from .constants import LOW_PRECISION_DTYPES, LOW_PRECISION_FORMAT_VERSION, META_KIND, META_VERSION
 from .delta import DeltaFile, check_version
 from .manifest import FileRef, Manifest, MemberEntry, read_manifest, shard_list_bytes
 from .safetensors_io import SafetensorsFile
@@ -63,6 +63,14 @@ class FamilyDir:
             for f in self._bb_files:
                 f.close()
             raise
+        if self.manifest.format_version < LOW_PRECISION_FORMAT_VERSION:
+            low = next((k for k, f in self._bb_of.items() if f.tensors[k].dtype in LOW_PRECISION_DTYPES), None)
+            if low is not None:
+                self.close()
+                raise FormatError(
+                    f"{self._bb_of[low].path}: tensor {low!r} is {self._bb_of[low].tensors[low].dtype}, which needs "
+                    f"format_version {LOW_PRECISION_FORMAT_VERSION}; the manifest says {self.manifest.format_version}"
+                )
         self.backbone_verified = False  # set by verify_backbone, or by a loader that hashed what it read
         self.base_shapes: dict[str, tuple[tuple[int, ...], str]] = {
             k: (f.tensors[k].shape, f.tensors[k].dtype) for k, f in self._bb_of.items()

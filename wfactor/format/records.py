@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import CodecError, LimitError
 from .codec_schema import CODEC_NAMES, SCHEMAS, check_params, matrix_view
-from .constants import DTYPES, FLOAT_DTYPES, MAX_TERMS
+from .constants import DTYPES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, MAX_TERMS
 from .parts import PartSpec
 from .safetensors_io import check_name, check_shape
 
@@ -88,6 +88,16 @@ def _expect(part: PartSpec, where: str, role: str, shape: tuple[int, ...], dtype
         )
 
 
+def record_version(rec: Record) -> int:
+    """The lowest format version that can hold this record (spec 8): 4 for a low-precision dtype (F8, U16,
+    U32, U64) or a rescale term, 3 for a bitplanes part, else 1."""
+    if rec.dtype in LOW_PRECISION_DTYPES or any(SCHEMAS[t.codec].version >= 4 for t in rec.terms):
+        return 4
+    if any(s.encoding == "bitplanes" for s in rec.part_specs()):
+        return 3
+    return 1
+
+
 def validate_term(term: Term, shape: tuple[int, ...], dtype: str, where: str) -> None:
     """A term against its codec's schema (:data:`wfactor.format.codec_schema.SCHEMAS`): parts, params, shapes."""
     schema = SCHEMAS.get(term.codec)
@@ -150,6 +160,8 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
         term = Term(str(t.get("codec")), dict(t.get("params", {})), parts)
         validate_term(term, shape, dtype, where)
         terms.append(term)
+    if any(t.codec == "rescale" for t in terms[1:]) or (terms and terms[0].codec == "rescale" and base is None):
+        raise CodecError(f"{where}: a rescale term must be the first term, of a record with a base")
     if dtype not in FLOAT_DTYPES and any(t.codec != "dense" for t in terms):
         raise CodecError(f"{where}: a {dtype} tensor may only use the dense codec")
     if any(t.codec == "dense" for t in terms) and (len(terms) != 1 or base is not None):

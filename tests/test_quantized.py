@@ -1,0 +1,202 @@
+"""Quantised and low-precision members (wfactor/quantized.py, format version 4): fp8 compressed-tensors
+checkpoints predicted from their float base by a rescale term, stored lossless; int4 pack-quantized ones
+stored as they are; plain F8 and unsigned-integer tensors; bad quantisation configs refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILY, invoke
+from safetensors.torch import load_file, save_file
+
+import wfactor
+from wfactor.analyze import analyze
+from wfactor.tensors import bitwise_equal
+
+pytest.importorskip("compressed_tensors")  # the `quant` extra (installed by the `test` extra)
+import quantized as qz  # noqa: E402  (fixtures/quantized.py)
+
+
+@pytest.fixture(scope="module")
+def qfam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quant")
+    base = qz.make_llama(root / "base")
+    ft = qz.finetune(base, root / "ft", steps=2, lr=2e-4)
+    return {
+        "base": base,
+        "fp8": qz.quantize_fp8(base, root / "fp8"),
+        "ft": ft,
+        "ft_fp8": qz.quantize_fp8(ft, root / "ft_fp8"),
+        "int4": qz.quantize_int4(base, root / "int4"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def factored(qfam: dict[str, Path]) -> tuple[Path, wfactor.FactorReport]:
+    out = qfam["root"] / "fam"
+    rep = wfactor.factor(
+        [f"fp8={qfam['fp8']}", f"ft_fp8={qfam['ft_fp8']}", f"int4={qfam['int4']}"], base=str(qfam["base"]), out=out
+    )
+    return out, rep
+
+
+def _member(rep: wfactor.FactorReport, name: str):  # type: ignore[no-untyped-def]
+    return next(m for m in rep.members if m.name == name)
+
+
+def test_fp8_members_round_trip_bit_exact_and_load_in_transformers(
+    qfam: dict[str, Path], factored: tuple[Path, wfactor.FactorReport], tmp_path: Path
+) -> None:
+    fam, rep = factored
+    with wfactor.open_family(fam) as f:
+        assert f.manifest.format_version == 4
+        report = f.verify({n: str(qfam[n]) for n in ("fp8", "ft_fp8", "int4")})
+        assert report.ok, report.problems
+        for name in ("fp8", "ft_fp8"):
+            sd = f.state_dict(name)
+            orig = load_file(str(qfam[name] / "model.safetensors"))
+            assert sorted(sd) == sorted(orig) and all(bitwise_equal(sd[k], orig[k]) for k in orig)
+            out = f.materialize(name, tmp_path / name)
+            again = load_file(str(out))
+            assert sorted(again) == sorted(orig) and all(bitwise_equal(again[k], orig[k]) for k in orig)
+            cfg = json.loads((tmp_path / name / "config.json").read_text())
+            assert cfg["quantization_config"]["format"] == "float-quantized"
+            assert torch.equal(qz.logits(tmp_path / name), qz.logits(qfam[name]))
+    quant = _member(rep, "fp8").quantization
+    assert quant["method"] == "compressed-tensors" and quant["quantized_weights"] == 14
+    assert quant["predicted_from_backbone"] is True
+
+
+def test_a_plain_fp8_copy_of_the_base_costs_its_scales(factored: tuple[Path, wfactor.FactorReport]) -> None:
+    fam, rep = factored
+    m = _member(rep, "fp8")
+    assert m.ratio <= 0.05, m.ratio
+    with wfactor.open_family(fam) as f:
+        for r in f.records("fp8").values():
+            if r.dtype == "F8_E4M3":  # round(B / s) is the member's codes exactly: no residual at all
+                assert [t.codec for t in r.terms] == ["rescale"] and r.residual is None, r.name
+
+
+def test_a_quantised_fine_tune_pays_for_its_code_changes(
+    qfam: dict[str, Path], factored: tuple[Path, wfactor.FactorReport]
+) -> None:
+    import zstandard
+
+    m = _member(rep := factored[1], "ft_fp8")
+    packed = zstandard.ZstdCompressor(level=3).compress((qfam["ft_fp8"] / "model.safetensors").read_bytes())
+    assert m.delta_bytes < len(packed), (m.delta_bytes, len(packed))
+    assert _member(rep, "fp8").delta_bytes < m.delta_bytes
+
+
+def test_pack_quantized_members_are_stored_as_they_are(
+    qfam: dict[str, Path], factored: tuple[Path, wfactor.FactorReport], tmp_path: Path
+) -> None:
+    fam, rep = factored
+    q = _member(rep, "int4").quantization
+    assert q["format"] == "pack-quantized" and q["predicted_from_backbone"] is False
+    with wfactor.open_family(fam) as f:
+        f.materialize("int4", tmp_path / "int4")
+    again = load_file(str(tmp_path / "int4" / "model.safetensors"))
+    orig = load_file(str(qfam["int4"] / "model.safetensors"))
+    assert sorted(again) == sorted(orig) and all(bitwise_equal(again[k], orig[k]) for k in orig)
+    assert torch.equal(qz.logits(tmp_path / "int4"), qz.logits(qfam["int4"]))
+
+
+def test_analyze_dequantises_a_quantised_copy(qfam: dict[str, Path]) -> None:
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    rep = analyze([f"fp8={qfam['fp8']}"], base=str(qfam["base"]), ranks=False)
+    m = rep.models[0]
+    assert m.related, m.reason
+    base = load_file(str(qfam["base"] / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    w = base[name]
+    s = w.abs().amax(dim=1, keepdim=True) / 448.0
+    args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+    err = float(torch.linalg.norm(fake_quantize(w, s, None, args) - w) / torch.linalg.norm(w))
+    assert m.tensor(name).rel_drift == pytest.approx(err, rel=1e-3)
+    assert 0.005 < err < 0.1
+
+
+def _requantized(qfam: dict[str, Path], tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bad"
+    out.mkdir()
+    sd = load_file(str(qfam["fp8"] / "model.safetensors"))
+    cfg = json.loads((qfam["fp8"] / "config.json").read_text())
+    sd, cfg = edit(sd, cfg)
+    save_file(sd, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize(
+    "what,edit,words",
+    [
+        (
+            "unknown method",
+            lambda sd, c: (sd, {**c, "quantization_config": {"quant_method": "hqq"}}),
+            "quant_method 'hqq'",
+        ),
+        (
+            "unknown format",
+            lambda sd, c: (sd, {**c, "quantization_config": {**c["quantization_config"], "format": "nvfp4-x"}}),
+            "format 'nvfp4-x'",
+        ),
+        (
+            "scales of another shape",
+            lambda sd, c: (
+                {**sd, "model.layers.0.mlp.up_proj.weight_scale": torch.ones(3, 1)},
+                c,
+            ),
+            "does not fit",
+        ),
+        (
+            "missing scales",
+            lambda sd, c: ({k: v for k, v in sd.items() if k != "model.layers.1.self_attn.q_proj.weight_scale"}, c),
+            "is missing",
+        ),
+    ],
+)
+def test_bad_quantised_checkpoints_are_one_line_errors(
+    qfam: dict[str, Path],
+    tmp_path: Path,
+    what: str,
+    edit,
+    words: str,  # type: ignore[no-untyped-def]
+) -> None:
+    bad = _requantized(qfam, tmp_path, edit)
+    code, _out, err = invoke("factor", f"m={bad}", "--base", str(qfam["base"]), "-o", str(tmp_path / "f"), "-q")
+    assert code == 2, (what, err)
+    assert err.startswith("error[input]:") and words in err and err.count("\n") == 1, (what, err)
+
+
+def test_plain_low_precision_tensors_lossless_and_lossy(tmp_path: Path) -> None:
+    """F8 tensors of a float base without scales, and unsigned integer tensors: bit for bit when lossless; an
+    F8 member planned lossy stays within its budget."""
+    base = load_file(str(FAMILY / "base" / "model.safetensors"))
+    ft = load_file(str(FAMILY / "full_ft" / "model.safetensors"))
+    member = {k: (v.to(torch.float8_e5m2) if v.dim() == 2 else v) for k, v in ft.items()}
+    member["counts"] = torch.arange(10, dtype=torch.int64).to(torch.uint32)
+    member["ids"] = torch.tensor([0, 1, 65535], dtype=torch.int32).to(torch.uint16)
+    (tmp_path / "m").mkdir()
+    save_file(member, str(tmp_path / "m" / "model.safetensors"))
+    for lossless in (True, False):
+        out = tmp_path / f"fam-{lossless}"
+        wfactor.factor(
+            [f"m={tmp_path / 'm'}"], base=str(FAMILY / "base"), out=out, budget=wfactor.Budget(lossless=lossless)
+        )
+        with wfactor.open_family(out) as f:
+            assert f.manifest.format_version == 4
+            report = f.verify({"m": str(tmp_path / "m")})
+            assert report.ok, report.problems
+            sd = f.state_dict("m")
+            assert sd["counts"].dtype == torch.uint32 and sd["ids"].dtype == torch.uint16
+            assert bitwise_equal(sd["ids"], member["ids"])
+            if lossless:
+                assert all(bitwise_equal(sd[k], member[k]) for k in member)
+    assert base  # the base itself is F32: the F8 members are predicted from it
