@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import FAMILY, member_args
 
@@ -31,7 +32,7 @@ def test_pairwise_distances_see_fine_tunes_close_and_unrelated_far() -> None:
 
 def test_without_base_the_smaller_candidate_is_kept(tmp_path: Path) -> None:
     args = member_args() + [f"base={FAMILY / 'base'}"]
-    rep = wfactor.factor(args, base=None, out=tmp_path / "fam")
+    rep = wfactor.factor(args, base=None, out=tmp_path / "fam", exhaustive=True)
     origin = rep.backbone_origin
     assert set(origin["tried_bytes"]) == {"medoid", "consensus"}
     chosen = origin["kind"]
@@ -70,7 +71,9 @@ def test_consensus_backbone_is_the_mean_of_related_members(tmp_path: Path) -> No
             torch.testing.assert_close(torch.from_numpy(f.numpy(k)), v, rtol=0, atol=1e-5)
     for s in srcs:
         s.close()
-    rep = wfactor.factor([str(tmp_path / "plus"), str(tmp_path / "minus")], base=None, out=tmp_path / "fam")
+    rep = wfactor.factor(
+        [str(tmp_path / "plus"), str(tmp_path / "minus")], base=None, out=tmp_path / "fam", exhaustive=True
+    )
     tried = rep.backbone_origin["tried_bytes"]
     assert set(tried) == {"medoid", "consensus"} and tried[rep.backbone_origin["kind"]] == min(tried.values())
 
@@ -82,3 +85,22 @@ def test_unrelated_member_is_stored_whole_and_flagged(lossy_family: Path) -> Non
     with wfactor.open_family(lossy_family).open_delta("unrelated") as d:
         assert all(r.base is None and r.codec == "dense" for r in d.records.values())
     assert all(man.member(m).plan["related"] for m in ("full_ft", "top_ft", "lora", "bf16", "vocab_grown"))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_the_estimated_backbone_choice_matches_the_exhaustive_one(tmp_path: Path, with_base: bool) -> None:
+    """Without --base, each candidate's family is estimated from a sample of tensors and only the smaller is
+    factored: the same choice and the same files as factoring both (only the manifest's origin differs)."""
+    args = member_args() + ([f"base={FAMILY / 'base'}"] if with_base else [])
+    est = wfactor.factor(args, base=None, out=tmp_path / "est")
+    exh = wfactor.factor(args, base=None, out=tmp_path / "exh", exhaustive=True)
+    o, x = est.backbone_origin, exh.backbone_origin
+    assert (o["kind"], o.get("member")) == (x["kind"], x.get("member"))
+    assert set(o["estimated_bytes"]) == {"medoid", "consensus"} and "tried_bytes" not in o
+    for kind, guess in o["estimated_bytes"].items():  # within 5% of the measured family
+        assert abs(guess - x["tried_bytes"][kind]) <= 0.05 * x["tried_bytes"][kind], (kind, guess, x)
+    files = sorted(p.relative_to(tmp_path / "est") for p in (tmp_path / "est").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "exh") for p in (tmp_path / "exh").rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name != "wfactor.json":
+            assert (tmp_path / "est" / rel).read_bytes() == (tmp_path / "exh" / rel).read_bytes(), rel

@@ -94,3 +94,18 @@ def test_determinism_would_notice_a_different_option(other_process: Path, tmp_pa
     a, b = _files(here), _files(other_process / "lossy" / "another_name")
     assert a["backbone.safetensors"] == b["backbone.safetensors"]
     assert a["deltas/lora.safetensors"] != b["deltas/lora.safetensors"]
+
+
+@pytest.mark.parametrize("mode", ["lossy", "target_ratio", "no_base"])
+def test_families_are_byte_identical_for_any_number_of_workers(tmp_path: Path, mode: str) -> None:
+    """Tensors are planned on worker threads (--workers), each with one torch thread: 1, 2 and 4 workers
+    write the same bytes, manifest included."""
+    members, base, extra = MODES[mode]
+    trees = []
+    for workers in (1, 2, 4):
+        out = tmp_path / f"w{workers}"
+        wfactor.factor(
+            _args(members), base=str(FAMILY / base) if base else None, out=out, budget=_budget(extra), workers=workers
+        )
+        trees.append(_files(out))
+    assert trees[0] == trees[1] == trees[2]

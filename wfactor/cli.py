@@ -101,6 +101,15 @@ def main() -> None:
 
 
 
+workers_option = click.option(
+    "--workers",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Tensors planned at once, on threads (default: every core). The family's bytes are the same for any N; "
+    "memory grows by about 2N tensors being planned.",
+)
+
 # options every command takes alike
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress output (errors still go to stderr).")
 
@@ -143,6 +152,13 @@ max_rel_error_option = click.option(
 )
 @map_option
 @names_only_option
+@workers_option
+@click.option(
+    "--exhaustive-backbone",
+    is_flag=True,
+    help="Without --base: factor with both backbone candidates (medoid, mean) and keep the smaller family, "
+    "instead of estimating both from a sample of tensors and factoring once (twice the work).",
+)
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Family directory to write."
 )
@@ -184,6 +200,8 @@ def factor(
     base: tuple[str, ...],
     maps: tuple[str, ...],
     names_only: bool,
+    workers: int | None,
+    exhaustive_backbone: bool,
     output: Path,
     lossless: bool,
     max_rel_error: float,
@@ -231,6 +249,8 @@ def factor(
                 fast_load=fast_load,
                 maps=list(maps),
                 infer=not names_only,
+                workers=workers,
+                exhaustive=exhaustive_backbone,
             )
         if as_json:
             emit_json(rep.to_json())
@@ -536,6 +556,7 @@ def export_peft(
     help="Base model of a PEFT adapter member (default: the family's backbone).",
 )
 @map_option
+@workers_option
 @lossless_option
 @max_rel_error_option
 @click.option("--target-bytes", type=int, default=None, hidden=True)
@@ -548,6 +569,7 @@ def add(
     member: str,
     base: str | None,
     maps: tuple[str, ...],
+    workers: int | None,
     lossless: bool,
     max_rel_error: float,
     target_bytes: int | None,
@@ -574,7 +596,9 @@ def add(
         )
         bar, update = progress_bar(quiet or as_json)
         with bar:
-            rep = add_member(family, member, budget, force=force, base=base, progress=update, maps=maps)
+            rep = add_member(
+                family, member, budget, force=force, base=base, progress=update, maps=maps, workers=workers
+            )
         if as_json:
             emit_json(rep.to_json())
             return

@@ -28,6 +28,7 @@ from typing import Any
 
 from .align import VERDICT_SAMPLE, BackboneIndex, Rule, align, parse_map, rules_for
 from .errors import InputError, LimitError
+from .executor import resolve_workers
 from .factoring import (
     MemberReport,
     Progress,
@@ -120,6 +121,7 @@ def add(
     base: str | None = None,
     progress: Progress | None = None,
     maps: list[str | Rule] | tuple[str | Rule, ...] = (),
+    workers: int | None = None,
 ) -> MemberReport:
     """Factor ``member`` (``[NAME=]PATH``) against the family's backbone and add it to ``family`` in place,
     aligned to the backbone as ``factor`` aligns (``maps``: explicit ``[MEMBER:]FROM=TO`` rules).
@@ -129,6 +131,7 @@ def add(
     budget = budget or Budget()
     budget.validate()
     budget.check_per_member()
+    n_workers = resolve_workers(workers)
     root = Path(family)
     with _locked(root):
         opened: list[Any] = []
@@ -170,7 +173,7 @@ def add(
             tmp = temp_name(final)
             written += [tmp, final]
             records, sizes = write_delta(
-                src, backbone, man.backbone.sha256, tmp, budget, progress, alignment=al
+                src, backbone, man.backbone.sha256, tmp, budget, progress, alignment=al, workers=n_workers
             )
             os.replace(tmp, final)
             fsync_dir(final.parent)

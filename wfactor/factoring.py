@@ -24,6 +24,7 @@ import torch
 from .align import VERDICT_SAMPLE, Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
 from .backbone import medoid, pairwise, widest, write_consensus
 from .errors import InputError
+from .executor import ordered_map, resolve_workers
 from .format.atomic import fsync_dir, recover, replace_dir, temp_name
 from .format.constants import (
     AUX_DIR,
@@ -218,6 +219,7 @@ def allocate_family(
     progress: Progress | None = None,
     alignments: dict[str, Alignment] | None = None,
     raw: int = 0,
+    workers: int = 1,
 ) -> dict[str, dict[str, str]]:
     """Pass 1 of a family-wide byte budget: every tensor's ladder of options, then one greedy allocation.
     Member-only tensors (all of an unrelated member) take part with their fixed (dense) cost. ``raw``: the
@@ -230,12 +232,14 @@ def allocate_family(
         overhead += _header_overhead(src)
         done = 0
         mapping = _mapping(src, base, alignments)
-        for key in src.keys():
-            target_t = src.tensor(key)
+
+        def ladder(key: str, src: Source = src, mapping: dict[str, str] = mapping) -> list[tuple[str, int, float]]:
             bname = mapping.get(key)
             base_t = base.tensor(bname) if bname is not None else None
-            planner = TensorPlanner(key, target_t, bname, base_t, budget)
-            ladders.append(planner.ladder())
+            return TensorPlanner(key, src.tensor(key), bname, base_t, budget).ladder()
+
+        for key, lad in zip(src.keys(), ordered_map(ladder, src.keys(), workers, one_torch_thread)):
+            ladders.append(lad)
             keys.append((src.name, key))
             done += src.info(key).nbytes
             if progress:
@@ -269,57 +273,72 @@ def write_delta(
     options: dict[str, str] | None = None,
     fast_load: bool = False,
     alignment: Alignment | None = None,
+    workers: int = 1,
 ) -> tuple[list[Record], dict[str, int]]:
     """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes.
     ``alignment`` says which backbone tensor each member tensor is predicted from (None: the one of its name);
     a tensor it leaves out is stored dense.
     ``options`` (from :func:`allocate_family`) fixes each tensor's option instead of the per-tensor budget.
     ``fast_load``: k-bit codes are stored as bit planes (spec 4.3, a version-3 delta), used as they are by a
-    loader, instead of zstd frames that must be decoded (which are ~1-25% smaller)."""
+    loader, instead of zstd frames that must be decoded (which are ~1-25% smaller). ``workers``: tensors
+    planned at once (:func:`wfactor.executor.ordered_map`); the bytes written are the same for any number."""
     spool = SpoolWriter(path)
     records: list[Record] = []
     sizes: dict[str, int] = {}
     total, done = member.nbytes, 0
-    seen: dict[tuple[str, tuple[int, ...], str], str] = {}  # content digest -> first tensor with it
     mapping = alignment.mapping if alignment is not None else {k: k for k in member.keys() if k in base}
     # a quantised checkpoint is served as it is: every tensor of it comes back bit for bit
     tensor_budget = Budget(lossless=True) if isinstance(member, QuantizedSource) else budget
     known = alignment.digests if alignment is not None else {}
-    try:
-        for key in member.keys():
+
+    def jobs() -> list[tuple[int, str, str | None]]:
+        """(record position, tensor, the earlier tensor it is tied to): tied weights (lm_head = embed_tokens)
+        are found here, in order, by content; each is stored once and the others become same_as records."""
+        seen: dict[tuple[str, tuple[int, ...], str], str] = {}  # content digest -> first tensor with it
+        out = []
+        for pos, key in enumerate(member.keys()):
             info = member.info(key)
             ck = known.get(key)
-            digest = (
-                (info.dtype, info.shape, ck[2])
-                if ck is not None
-                else (info.dtype, info.shape, hashlib.sha256(member.raw_bytes(key)).hexdigest())
-            )
-            if digest in seen and info.nbytes > 0:
-                # tied weights (e.g. lm_head = embed_tokens): stored once, the second is a same_as record
-                first = next(r for r in records if r.name == seen[digest])
-                records.append(Record(key, info.shape, info.dtype, None, error=dict(first.error), same_as=first.name))
-                done += info.nbytes
-                continue
+            sha = ck[2] if ck is not None else hashlib.sha256(member.raw_bytes(key)).hexdigest()
+            digest = (info.dtype, info.shape, sha)
+            out.append((pos, key, seen.get(digest) if info.nbytes > 0 else None))
             seen.setdefault(digest, key)
-            target = member.tensor(key)
-            bname = mapping.get(key)
-            base_t = base.tensor(bname) if bname is not None else None
-            option = options.get(key) if options else None
-            scales = member.prescale(key) if base_t is not None else None
-            if scales is not None and base_t is not None and bname is not None:
-                planned = plan_prescaled(key, target, bname, base_t, scales)  # a quantised weight: lossless
+        return out
+
+    def plan(job: tuple[int, str, str | None]) -> Planned | None:
+        pos, key, tied = job
+        if tied is not None:
+            return None
+        target = member.tensor(key)
+        bname = mapping.get(key)
+        base_t = base.tensor(bname) if bname is not None else None
+        option = options.get(key) if options else None
+        scales = member.prescale(key) if base_t is not None else None
+        if scales is not None and base_t is not None and bname is not None:
+            planned = plan_prescaled(key, target, bname, base_t, scales)  # a quantised weight: lossless
+        else:
+            planned = plan_tensor(key, target, bname, base_t, tensor_budget, option)
+        planned = rekey(planned, str(pos))
+        return codes_as_planes(planned) if fast_load else planned
+
+    try:
+        job_list = jobs()
+        by_name: dict[str, Record] = {}
+        for (_pos, key, tied), planned in zip(job_list, ordered_map(plan, job_list, workers, one_torch_thread)):
+            info = member.info(key)
+            if planned is None:
+                assert tied is not None
+                first = by_name[tied]
+                records.append(Record(key, info.shape, info.dtype, None, error=dict(first.error), same_as=tied))
             else:
-                planned = plan_tensor(key, target, bname, base_t, tensor_budget, option)
-            planned = rekey(planned, str(len(records)))
-            if fast_load:
-                planned = codes_as_planes(planned)
-            for spec in planned.record.part_specs():
-                arr = planned.stored[spec.key]
-                # compressed parts are stored as one 1-D U8 tensor holding the zstd frame (spec 4.3)
-                spool.add(spec.key, spec.dtype if spec.encoding == "raw" else "U8", arr.shape, arr.tobytes())
-                sizes[spec.key] = int(arr.nbytes)
-            records.append(planned.record)
-            done += member.info(key).nbytes
+                for spec in planned.record.part_specs():
+                    arr = planned.stored[spec.key]
+                    # compressed parts are stored as one 1-D U8 tensor holding the zstd frame (spec 4.3)
+                    spool.add(spec.key, spec.dtype if spec.encoding == "raw" else "U8", arr.shape, arr.tobytes())
+                    sizes[spec.key] = int(arr.nbytes)
+                records.append(planned.record)
+                by_name[key] = planned.record
+            done += info.nbytes
             if progress:
                 progress(member.name, done, total)
         meta = {
@@ -425,6 +444,7 @@ def _write_family(
     progress: Progress | None,
     max_shard_bytes: int | None = None,
     fast_load: bool = False,
+    workers: int = 1,
 ) -> tuple[Manifest, list[MemberReport]]:
     """Write backbone, deltas and manifest into the (new, empty) directory ``tmp``. With ``max_shard_bytes``
     the backbone is sharded (spec 2.1, a version-2 family) when it does not fit in one shard; with
@@ -441,7 +461,14 @@ def _write_family(
         backbone, shards = sharded
     options = (
         allocate_family(
-            sources, base_src, budget, backbone.size + sum(r.size for r in shards), progress, alignments, raw_bytes
+            sources,
+            base_src,
+            budget,
+            backbone.size + sum(r.size for r in shards),
+            progress,
+            alignments,
+            raw_bytes,
+            workers,
         )
         if budget.global_target
         else {}
@@ -455,7 +482,7 @@ def _write_family(
         # what does not align is stored dense: all of an unrelated member (stored whole, compressed)
         al = alignments[src.name]
         records, sizes = write_delta(
-            src, base_src, backbone.sha256, tmp / rel, budget, progress, options.get(src.name), fast_load, al
+            src, base_src, backbone.sha256, tmp / rel, budget, progress, options.get(src.name), fast_load, al, workers
         )
         version = max(version, delta_version(records))
         entry, rep = member_entry(src, tmp, rel, records, sizes, budget, al.related, alignment=al)
@@ -488,6 +515,42 @@ def alignments(
     }
 
 
+ESTIMATE_SHARE = 8  # every 8th tensor (by name, at least ESTIMATE_MIN of each member) is planned for the estimate
+ESTIMATE_MIN = 8
+ESTIMATE_SAMPLE_NOTE = f"every {ESTIMATE_SHARE}th tensor of each member (at least {ESTIMATE_MIN}), planned"
+
+
+def estimate_family_bytes(
+    sources: Sequence[Source], backbone: Source, aligned: dict[str, Alignment], budget: Budget, workers: int
+) -> int:
+    """An estimate of the family's bytes with ``backbone``: the backbone's bytes, plus for each member the
+    planned bytes of a deterministic sample of its tensors (every ESTIMATE_SHARE-th by name, at least
+    ESTIMATE_MIN), scaled up by the member's bytes over the sample's, plus its records' header estimate. A
+    member that is the backbone itself costs its headers only."""
+    total = backbone.nbytes
+    for src in sources:
+        total += _header_overhead(src)
+        if src is backbone:
+            continue
+        keys = src.keys()
+        step = max(1, min(ESTIMATE_SHARE, len(keys) // ESTIMATE_MIN))
+        sample = keys[::step]
+        mapping = aligned[src.name].mapping
+        tensor_budget = Budget(lossless=True) if isinstance(src, QuantizedSource) else budget
+        if tensor_budget.global_target:
+            tensor_budget = Budget(max_rel_error=budget.max_rel_error)  # a per-tensor estimate of its share
+
+        def planned(key: str, src: Source = src, mapping: dict[str, str] = mapping, b: Budget = tensor_budget) -> int:
+            bname = mapping.get(key)
+            base_t = backbone.tensor(bname) if bname is not None else None
+            return plan_tensor(key, src.tensor(key), bname, base_t, b).nbytes
+
+        got = sum(ordered_map(planned, sample, workers, one_torch_thread))
+        share = sum(src.info(k).nbytes for k in sample)
+        total += int(round(got * (src.nbytes / share))) if share else 0
+    return total
+
+
 def _unrelated(aligned: dict[str, Alignment]) -> set[str]:
     return {name for name, a in aligned.items() if not a.related}
 
@@ -514,6 +577,11 @@ def bounded_heap() -> None:
 
 
 _HEAP_BOUNDED = False
+
+
+def one_torch_thread() -> None:
+    """In a worker thread: one torch (OpenMP) thread, as :func:`single_threaded` sets for the calling thread."""
+    torch.set_num_threads(1)
 
 
 def single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -546,6 +614,8 @@ def factor(
     fast_load: bool = False,
     maps: Sequence[str | Rule] = (),
     infer: bool = True,
+    workers: int | None = None,
+    exhaustive: bool = False,
 ) -> FactorReport:
     """Factor ``members`` (each ``[NAME=]PATH``) into a family directory ``out``.
 
@@ -554,6 +624,10 @@ def factor(
     (:mod:`wfactor.align`): same names, the ``maps`` rules (``[MEMBER:]FROM=TO``), prefix rules inferred from
     names and shapes and kept only where the aligned tensors are related, and bit-identical content. What
     aligns is delta-coded, the rest of the member stored dense. ``infer=False``: same names and ``maps`` only.
+
+    ``workers``: tensors planned at once, on threads (default: every available core). Each tensor is planned
+    on one thread with one torch thread, so the family's bytes are the same for any number of workers; memory
+    grows by about ``2 * workers`` tensors being planned (each a few times its size) over one worker.
 
     ``max_shard_size`` (bytes, or "2GB", "1.5GiB") splits a backbone larger than that into shards (a
     version-2 family, spec/FORMAT.md section 2.1); without it, or when it fits, the backbone is one file.
@@ -567,12 +641,15 @@ def factor(
     they are; a GPU can unpack them), for ~1% more bytes at 5-8 bits and ~25% more at 3-4 bits.
 
     With ``base``, the base becomes the backbone. Without it, the medoid member and the element-wise
-    consensus of the related members are both tried and the smaller family is kept. Members unrelated to
+    consensus of the related members are the candidates: each one's family bytes are estimated from a
+    deterministic sample of tensors (:func:`estimate_family_bytes`) and only the smaller is factored;
+    ``exhaustive=True`` factors both and keeps the smaller (twice the work). Members unrelated to
     the backbone are stored whole and flagged (``MemberReport.related``). Returns what was written, per
     member: bytes, ratio, worst error, codecs.
     """
     budget = budget or Budget()
     budget.validate()
+    n_workers = resolve_workers(workers)
     from .format.shards import parse_size
 
     max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -625,19 +702,31 @@ def factor(
                     opened.append(cons)
                     origin = {"kind": "consensus", "members": [sources[i].name for i in related]}
                     candidates.append((cons, origin, alignments(sources, cons, rules, infer)))
+            estimated: dict[str, int] = {}
+            if len(candidates) > 1 and not exhaustive:
+                # estimate each candidate's family from a sample of tensors, then factor only the smallest
+                est = [estimate_family_bytes(sources, c[0], c[2], budget, n_workers) for c in candidates]
+                estimated = {c[1]["kind"]: e for c, e in zip(candidates, est)}
+                best = min(range(len(candidates)), key=lambda i: (est[i], i))
+                candidates = [candidates[best]]
             results = []
             for k, (bsrc, origin, aligned) in enumerate(candidates):
                 tmp = work / f"family-{k}"
                 _man, reports = _write_family(
-                    sources, bsrc, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load
+                    sources, bsrc, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load, n_workers
                 )
                 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
                 results.append((size, k, tmp, reports, bsrc))
             size, k, chosen, reports, bsrc = min(results, key=lambda r: (r[0], r[1]))
             tried = {candidates[r[1]][1]["kind"]: r[0] for r in results}
+            extra: dict[str, Any] = {}
             if len(results) > 1:
+                extra = {"tried_bytes": tried}
+            elif estimated:
+                extra = {"estimated_bytes": estimated, "sample": ESTIMATE_SAMPLE_NOTE}
+            if extra:
                 man = read_manifest(chosen)
-                man.backbone_origin = dict(man.backbone_origin, tried_bytes=tried)
+                man.backbone_origin = dict(man.backbone_origin, **extra)
                 man.write_atomic(chosen)
             # the old family (if any) stays whole until the new one takes its name (spec 9.1)
             replace_dir(chosen, out)
@@ -645,7 +734,7 @@ def factor(
             shutil.rmtree(work, ignore_errors=True)
         backbone_size = read_manifest(out).backbone_bytes
         rep = FactorReport(out, backbone_size, bsrc.nbytes if bases else 0, reports, budget)
-        rep.backbone_origin = dict(candidates[k][1], tried_bytes=tried)
+        rep.backbone_origin = dict(candidates[k][1], **(extra or {"tried_bytes": tried}))
         return rep
     finally:
         for s in opened:

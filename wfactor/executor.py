@@ -1,0 +1,65 @@
+"""Running independent per-tensor jobs on several workers, results in order.
+
+Factoring plans each tensor on its own (one torch thread, fixed seeds), so the bytes of a family do not depend
+on how many tensors are planned at once: :func:`ordered_map` runs ``fn`` over the jobs on ``workers``
+threads (torch, zstd and numpy release the GIL in their kernels) and yields the results in the jobs' order,
+with a bounded window of jobs in flight so that memory stays bounded (about ``2 * workers`` tensors being
+planned or waiting to be written; each job holds its member tensor, its base tensor and the planner's
+temporaries, a few times the tensor's size).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from .errors import InputError
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int | None) -> int:
+    """``workers`` checked (None: every available core)."""
+    if workers is None:
+        return available_cores()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InputError(f"--workers must be a whole number >= 1, found {workers!r}")
+    return workers
+
+
+def ordered_map(
+    fn: Callable[[J], R], jobs: Iterable[J], workers: int, initializer: Callable[[], None] | None = None
+) -> Iterator[R]:
+    """``fn(job)`` for each job, in order, ``workers`` at a time (1: in this thread, one after another).
+    ``initializer`` runs once in each worker thread (factoring fixes the thread's torch thread count there:
+    OpenMP's count is a setting of each thread, and a new thread would otherwise sum in another order).
+    An exception of a job is raised when its result is due; the jobs not yet started are cancelled."""
+    if workers <= 1:
+        for job in jobs:
+            yield fn(job)
+        return
+    window = 2 * workers
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="wfactor", initializer=initializer) as pool:
+        try:
+            for job in jobs:
+                pending.append(pool.submit(fn, job))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
