@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, RESULTS_DIR, machine_info, machine_line
 
-ORDER = ["lossless", "planner_vs_fixed", "lossy_large", "load", "pipelines", "towers", "quantized", "memory", "startup"]
+ORDER = ["lossless", "planner_vs_fixed", "lossy_large", "load", "pipelines", "towers", "quantized", "scale", "memory", "startup"]
 NOT_SCRIPTS = {"run", "common", "plots", "large_family"}  # helpers, not scripts
 
 

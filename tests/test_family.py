@@ -213,7 +213,7 @@ def test_factor_is_deterministic(tmp_path: Path) -> None:
 def test_failed_factor_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
-    fmod = importlib.import_module("wfactor.factoring")
+    fmod = importlib.import_module("wfactor.plan")  # where each member tensor is planned (plan_member_tensor)
     calls = {"n": 0}
     real = fmod.plan_tensor
 

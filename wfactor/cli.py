@@ -154,6 +154,20 @@ max_rel_error_option = click.option(
 @names_only_option
 @workers_option
 @click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where tensors are planned: threads of this process, or Ray tasks on a cluster (pip install "
+    "'wfactor[ray]'; members, base and output on storage every node sees). The same bytes either way.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="HOST:PORT",
+    help="The Ray cluster's head (default: RAY_ADDRESS, else a local Ray instance).",
+)
+@click.option(
     "--exhaustive-backbone",
     is_flag=True,
     help="Without --base: factor with both backbone candidates (medoid, mean) and keep the smaller family, "
@@ -201,6 +215,8 @@ def factor(
     maps: tuple[str, ...],
     names_only: bool,
     workers: int | None,
+    executor: str,
+    ray_address: str | None,
     exhaustive_backbone: bool,
     output: Path,
     lossless: bool,
@@ -251,6 +267,8 @@ def factor(
                 infer=not names_only,
                 workers=workers,
                 exhaustive=exhaustive_backbone,
+                executor=executor,
+                ray_address=ray_address,
             )
         if as_json:
             emit_json(rep.to_json())

@@ -10,7 +10,9 @@ temporaries, a few times the tensor's size).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,3 +65,23 @@ def ordered_map(
         finally:
             for f in pending:
                 f.cancel()
+
+
+def bounded_heap() -> None:
+    """Give freed tensor memory back to the system at once (Linux, glibc). glibc raises its mmap threshold
+    after each large free, up to 32 MiB, so that tensors below that size come from the heap and stay
+    resident after they are freed: streaming models tensor by tensor, the anonymous memory then grows with
+    the largest tensors seen instead of staying at a few of them. A fixed threshold of 1 MiB keeps every
+    tensor-sized buffer in its own mapping. Elsewhere this does nothing."""
+    global _HEAP_BOUNDED
+    if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
+        return
+    _HEAP_BOUNDED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
+    except (OSError, AttributeError):
+        pass
+
+
+_HEAP_BOUNDED = False

@@ -6,14 +6,12 @@ written into a temporary directory beside the output, which is renamed into plac
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from .align import VERDICT_SAMPLE, Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
 from .backbone import medoid, pairwise, widest, write_consensus
 from .errors import InputError
-from .executor import ordered_map, resolve_workers
+from .executor import bounded_heap, ordered_map, resolve_workers
 from .format.atomic import fsync_dir, recover, replace_dir, temp_name
 from .format.constants import (
     AUX_DIR,
@@ -51,12 +49,11 @@ from .format.manifest import (
     read_manifest,
     shard_list_bytes,
 )
-from .format.parts import encode_part, read_part_array
-from .format.records import Record, Term, record_version
+from .format.records import Record, record_version
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
 from .inputs import open_bases, open_source, split_base
 from .pipelines import aux_relpath, member_components
-from .plan import Budget, Planned, TensorPlanner, allocate, plan_prescaled, plan_tensor, rekey
+from .plan import Budget, Planned, TensorPlanner, allocate, plan_member_tensor, plan_tensor
 from .quantized import QuantizedSource
 from .sources import Source
 from .version import __version__
@@ -274,6 +271,7 @@ def write_delta(
     fast_load: bool = False,
     alignment: Alignment | None = None,
     workers: int = 1,
+    executor: Any | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
     """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes.
     ``alignment`` says which backbone tensor each member tensor is predicted from (None: the one of its name);
@@ -309,22 +307,23 @@ def write_delta(
         pos, key, tied = job
         if tied is not None:
             return None
-        target = member.tensor(key)
-        bname = mapping.get(key)
-        base_t = base.tensor(bname) if bname is not None else None
         option = options.get(key) if options else None
-        scales = member.prescale(key) if base_t is not None else None
-        if scales is not None and base_t is not None and bname is not None:
-            planned = plan_prescaled(key, target, bname, base_t, scales)  # a quantised weight: lossless
-        else:
-            planned = plan_tensor(key, target, bname, base_t, tensor_budget, option)
-        planned = rekey(planned, str(pos))
-        return codes_as_planes(planned) if fast_load else planned
+        return plan_member_tensor(member, base, key, mapping.get(key), tensor_budget, option, fast_load, pos)
 
     try:
         job_list = jobs()
         by_name: dict[str, Record] = {}
-        for (_pos, key, tied), planned in zip(job_list, ordered_map(plan, job_list, workers, one_torch_thread)):
+        if executor is None:
+            results = ordered_map(plan, job_list, workers, one_torch_thread)
+        else:  # another executor (wfactor.distributed.RayExecutor): the same per-tensor function, elsewhere
+            specs = [
+                None
+                if tied is not None
+                else (pos, key, mapping.get(key), tensor_budget, options.get(key) if options else None, fast_load)
+                for pos, key, tied in job_list
+            ]
+            results = executor.plans(member, base, specs)
+        for (_pos, key, tied), planned in zip(job_list, results):
             info = member.info(key)
             if planned is None:
                 assert tied is not None
@@ -353,23 +352,6 @@ def write_delta(
         spool.abort()
         raise
     return records, sizes
-
-
-def codes_as_planes(p: Planned) -> Planned:
-    """``p`` with the codes of its quant terms stored as bit planes (same values, no decoding on load)."""
-    stored = dict(p.stored)
-    terms = []
-    for t in p.record.terms:
-        parts = dict(t.parts)
-        spec = parts.get("codes")
-        if t.codec == "quant" and spec is not None and spec.encoding != "bitplanes":
-            codes = read_part_array(spec, stored.pop(spec.key), f"{p.record.name}: codes")
-            parts["codes"], stored[spec.key] = encode_part(spec.key, codes, "I8", "bitplanes")
-        terms.append(Term(t.codec, t.params, parts))
-    rec = p.record
-    return Planned(
-        Record(rec.name, rec.shape, rec.dtype, rec.base, terms, rec.residual, rec.error, rec.same_as), stored
-    )
 
 
 def delta_version(records: list[Record]) -> int:
@@ -445,6 +427,7 @@ def _write_family(
     max_shard_bytes: int | None = None,
     fast_load: bool = False,
     workers: int = 1,
+    executor: Any | None = None,
 ) -> tuple[Manifest, list[MemberReport]]:
     """Write backbone, deltas and manifest into the (new, empty) directory ``tmp``. With ``max_shard_bytes``
     the backbone is sharded (spec 2.1, a version-2 family) when it does not fit in one shard; with
@@ -482,7 +465,17 @@ def _write_family(
         # what does not align is stored dense: all of an unrelated member (stored whole, compressed)
         al = alignments[src.name]
         records, sizes = write_delta(
-            src, base_src, backbone.sha256, tmp / rel, budget, progress, options.get(src.name), fast_load, al, workers
+            src,
+            base_src,
+            backbone.sha256,
+            tmp / rel,
+            budget,
+            progress,
+            options.get(src.name),
+            fast_load,
+            al,
+            workers,
+            executor,
         )
         version = max(version, delta_version(records))
         entry, rep = member_entry(src, tmp, rel, records, sizes, budget, al.related, alignment=al)
@@ -559,24 +552,6 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def bounded_heap() -> None:
-    """Give freed tensor memory back to the system at once (Linux, glibc). glibc raises its mmap threshold
-    after each large free, up to 32 MiB, so that tensors below that size come from the heap and stay
-    resident after they are freed: streaming models tensor by tensor, the anonymous memory then grows with
-    the largest tensors seen instead of staying at a few of them. A fixed threshold of 1 MiB keeps every
-    tensor-sized buffer in its own mapping. Elsewhere this does nothing."""
-    global _HEAP_BOUNDED
-    if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
-        return
-    _HEAP_BOUNDED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
-    except (OSError, AttributeError):
-        pass
-
-
-_HEAP_BOUNDED = False
 
 
 def one_torch_thread() -> None:
@@ -616,6 +591,8 @@ def factor(
     infer: bool = True,
     workers: int | None = None,
     exhaustive: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> FactorReport:
     """Factor ``members`` (each ``[NAME=]PATH``) into a family directory ``out``.
 
@@ -624,6 +601,9 @@ def factor(
     (:mod:`wfactor.align`): same names, the ``maps`` rules (``[MEMBER:]FROM=TO``), prefix rules inferred from
     names and shapes and kept only where the aligned tensors are related, and bit-identical content. What
     aligns is delta-coded, the rest of the member stored dense. ``infer=False``: same names and ``maps`` only.
+
+    ``executor="ray"`` plans the members' tensors as Ray tasks (:mod:`wfactor.distributed`; ``ray_address``,
+    else ``RAY_ADDRESS``, else a local Ray instance) and writes the same bytes as a local run.
 
     ``workers``: tensors planned at once, on threads (default: every available core). Each tensor is planned
     on one thread with one torch thread, so the family's bytes are the same for any number of workers; memory
@@ -650,6 +630,13 @@ def factor(
     budget = budget or Budget()
     budget.validate()
     n_workers = resolve_workers(workers)
+    if executor not in ("local", "ray"):
+        raise InputError(f"--executor must be local or ray, found {executor!r}")
+    remote: Any = None
+    if executor == "ray":
+        from .distributed import RayExecutor
+
+        remote = RayExecutor(ray_address)
     from .format.shards import parse_size
 
     max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -713,7 +700,7 @@ def factor(
             for k, (bsrc, origin, aligned) in enumerate(candidates):
                 tmp = work / f"family-{k}"
                 _man, reports = _write_family(
-                    sources, bsrc, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load, n_workers
+                    sources, bsrc, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load, n_workers, remote
                 )
                 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
                 results.append((size, k, tmp, reports, bsrc))

@@ -117,12 +117,15 @@ def open_source(arg: str, name: str | None = None, base: str | None = None) -> S
         for kind in DIRECTORY_KINDS:
             src = kind.opens(path, member, base, hub_ref)
             if src is not None:
+                src.origin = ("source", arg, name, base)
                 return src
         raise AssertionError("the last directory kind opens every directory")
     try:
-        return Source(member, path, [path], [], hub=hub_ref)
+        src = Source(member, path, [path], [], hub=hub_ref)
     except NotSafetensorsError:
         raise
+    src.origin = ("source", arg, name, base)
+    return src
 
 
 def split_base(arg: str) -> tuple[str | None, str]:
@@ -139,6 +142,7 @@ def open_bases(args: str | Sequence[str], name: str | None = "base") -> tuple[So
     if len(specs) == 1:  # ``name``: the base's name (None: NAME= of the argument, else its file name)
         _name, raw = split_base(specs[0])
         src = open_source(specs[0]) if name is None else open_source(raw, name=name)
+        src.origin = ("bases", tuple(specs), name)
         return src, {"kind": "base", "path": str(src.path)}
     towers: list[tuple[str, Source]] = []
     try:
@@ -164,4 +168,5 @@ def open_bases(args: str | Sequence[str], name: str | None = "base") -> tuple[So
         ],
     }
     src = TowersSource("+".join(n for n, _ in towers), Path(specs[0].split("=", 1)[1]).parent, [], towers=towers)
+    src.origin = ("bases", tuple(specs), name)
     return src, origin

@@ -16,11 +16,12 @@ import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .budget import DEFAULT_MAX_REL_ERROR, Budget  # noqa: E402,F401  (the planner's options; re-exported)
+from .budget import DEFAULT_MAX_REL_ERROR, Budget  # noqa: F401  (the planner's options; re-exported)
 from .codecs import dense, lowrank, quant, residual, sparse
 from .codecs.base import Encoded
 from .format.constants import MAX_BITS, MIN_BITS
@@ -28,6 +29,9 @@ from .format.parts import PartSpec, encode_part, read_part_array
 from .format.records import Record, Term, rows_cols
 from .reconstruct import base_view, predict, reconstruct
 from .tensors import bitwise_equal, compute_torch_dtype, format_dtype, from_storage, storage_view
+
+if TYPE_CHECKING:
+    from .sources import Source
 
 ERROR_FLOOR = 1e-4
 # Leave a margin below the budget when predicting a rank or a count from energies, because factors are
@@ -501,3 +505,44 @@ def plan_prescaled(
         p = d if d.nbytes < p.nbytes else p
     p.record.error = {"rel_l2": 0.0, "max_abs": 0.0}
     return p
+
+
+def plan_member_tensor(
+    member: Source,
+    base: Source,
+    key: str,
+    bname: str | None,
+    budget: Budget,
+    option: str | None,
+    fast_load: bool,
+    pos: int,
+) -> Planned:
+    """One member tensor planned and encoded against its aligned backbone tensor ``bname`` (None: dense), its
+    parts keyed by its record position ``pos``: the unit of work of every executor (threads here, Ray tasks
+    in :mod:`wfactor.distributed`), so that every executor writes the same bytes."""
+    target = member.tensor(key)
+    base_t = base.tensor(bname) if bname is not None else None
+    scales = member.prescale(key) if base_t is not None else None
+    if scales is not None and base_t is not None and bname is not None:
+        planned = plan_prescaled(key, target, bname, base_t, scales)  # a quantised weight: lossless
+    else:
+        planned = plan_tensor(key, target, bname, base_t, budget, option)
+    planned = rekey(planned, str(pos))
+    return codes_as_planes(planned) if fast_load else planned
+
+
+def codes_as_planes(p: Planned) -> Planned:
+    """``p`` with the codes of its quant terms stored as bit planes (same values, no decoding on load)."""
+    stored = dict(p.stored)
+    terms = []
+    for t in p.record.terms:
+        parts = dict(t.parts)
+        spec = parts.get("codes")
+        if t.codec == "quant" and spec is not None and spec.encoding != "bitplanes":
+            codes = read_part_array(spec, stored.pop(spec.key), f"{p.record.name}: codes")
+            parts["codes"], stored[spec.key] = encode_part(spec.key, codes, "I8", "bitplanes")
+        terms.append(Term(t.codec, t.params, parts))
+    rec = p.record
+    return Planned(
+        Record(rec.name, rec.shape, rec.dtype, rec.base, terms, rec.residual, rec.error, rec.same_as), stored
+    )

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -64,7 +71,8 @@ class PlainProgress:
         self.last[label] = now
         took = max(now - t0, 1e-9)
         share = f"{100 * done / total:.0f}% of {human(total)}" if done < total else human(total)
-        click.echo(f"{label}: {share} in {took:.1f} s ({human(done / took)}/s)", err=True)
+        eta = f", ETA {(total - done) * took / done:.0f} s" if 0 < done < total else ""
+        click.echo(f"{label}: {share} in {took:.1f} s ({human(done / took)}/s{eta})", err=True)
 
 
 def progress_bar(quiet: bool) -> tuple[Any, Callable[[str, int, int], None] | None]:
@@ -79,6 +87,7 @@ def progress_bar(quiet: bool) -> tuple[Any, Callable[[str, int, int], None] | No
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
+        TimeRemainingColumn(),
         console=err,
         transient=True,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,6 +62,9 @@ class Source:
     files: list[Path]
     aux_files: list[Path] = field(default_factory=list)
     hub: str | None = None  # "org/name@<commit>" when the model came from the Hugging Face Hub
+    # how to open this model again in another process (wfactor.distributed): ("source", arg, name, base) or
+    # ("bases", specs); set by wfactor.inputs, None for a Source made by hand
+    origin: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self._open: dict[Path, SafetensorsFile] = {}
