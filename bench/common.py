@@ -233,3 +233,13 @@ def write_results(name: str, markdown: str, data: Any) -> Path:
     md.write_text(markdown.rstrip() + "\n")
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
     return md
+
+
+def storage_bytes(modules: Sequence[Any]) -> int:
+    """Bytes of the distinct tensor storages of ``modules``' parameters and buffers (shared ones counted once)."""
+    seen: dict[int, int] = {}
+    for mod in modules:
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, ROOT, fmt_bytes, machine_info, machine_line, md_table, write_results
+from common import BENCH, ROOT, fmt_bytes, machine_info, machine_line, md_table, storage_bytes, write_results
 
 sys.path.insert(0, str(ROOT / "fixtures"))
 from tiny_pipelines import VARIANTS, build_models, build_pipelines, denoise_step, fixed_inputs
@@ -38,15 +38,6 @@ from wfactor.inputs import open_source
 WORK = BENCH / "work" / "pipelines"
 WIDTH = 8
 COMPONENTS = ["text_encoder", "unet", "vae"]
-
-
-def storage_bytes(modules: list[torch.nn.Module]) -> int:
-    seen: dict[int, int] = {}
-    for mod in modules:
-        for t in list(mod.parameters()) + list(mod.buffers()):
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
 
 
 def weights_bytes(folder: Path) -> int:

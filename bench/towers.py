@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, ROOT, fmt_bytes, fmt_cos, machine_info, machine_line, md_table, write_results
+from common import BENCH, ROOT, fmt_bytes, fmt_cos, machine_info, machine_line, md_table, storage_bytes, write_results
 
 sys.path.insert(0, str(ROOT / "fixtures"))
 import towers
@@ -34,12 +34,7 @@ import wfactor
 import wfactor.torch as wt
 
 WORK = BENCH / "work" / "towers"
-LLAVA_RENAME = {
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
-    "vision_tower.": "model.vision_tower.",
-    "multi_modal_projector.": "model.multi_modal_projector.",
-}
+LLAVA_RENAME = towers.LLAVA_RENAME
 
 
 def weights_bytes(folder: Path) -> int:
@@ -50,21 +45,7 @@ def family_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def storage_bytes(modules: list[torch.nn.Module]) -> int:
-    seen: dict[int, int] = {}
-    for mod in modules:
-        for t in list(mod.parameters()) + list(mod.buffers()):
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
-def cosine(fam: Path, name: str, member_dir: Path, component: str | None = None) -> float:
-    with wfactor.open_family(fam) as f:
-        sd = f.state_dict(name, component=component)
-    folder = member_dir / component if component else member_dir
-    rebuilt = towers.load_state_dict_into(folder, sd)
-    return towers.min_cosine(towers.outputs(rebuilt), towers.outputs(towers.load_model(folder)))
+cosine = towers.rebuilt_cosine
 
 
 def run_family(label: str, paths: dict[str, Path], members: list[str], base: Any, cos_component: dict[str, str]):

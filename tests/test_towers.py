@@ -31,13 +31,7 @@ from wfactor.tensors import bitwise_equal
 
 FAMILY_BASE = ROOT / "fixtures" / "family" / "base"
 LLAMA_MEMBERS = ["chat", "reranker", "reranker_frozen", "vlm", "vlm_frozen"]
-# LLaVA's checkpoint names -> its module names in transformers 5
-LLAVA_RENAME = {
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
-    "vision_tower.": "model.vision_tower.",
-    "multi_modal_projector.": "model.multi_modal_projector.",
-}
+LLAVA_RENAME = towers.LLAVA_RENAME  # LLaVA's checkpoint names -> its module names in transformers 5
 
 
 @pytest.fixture(scope="session")
@@ -139,12 +133,7 @@ def test_delta_costs_about_what_the_same_tensors_cost_under_the_base_names(
         assert ours <= 1.1 * theirs, (name, ours, theirs)
 
 
-def _rebuilt_cosine(fam: Path, name: str, member_dir: Path, component: str | None = None) -> float:
-    with wfactor.open_family(fam) as f:
-        sd = f.state_dict(name, component=component)
-    folder = member_dir / component if component else member_dir
-    rebuilt = towers.load_state_dict_into(folder, sd)
-    return towers.min_cosine(towers.outputs(rebuilt), towers.outputs(towers.load_model(folder)))
+_rebuilt_cosine = towers.rebuilt_cosine
 
 
 def test_llama_members_keep_their_outputs(llama: dict[str, Path], llama_family: tuple[Path, Any]) -> None:
