@@ -200,3 +200,75 @@ def test_plain_low_precision_tensors_lossless_and_lossy(tmp_path: Path) -> None:
             if lossless:
                 assert all(bitwise_equal(sd[k], member[k]) for k in member)
     assert base  # the base itself is F32: the F8 members are predicted from it
+
+
+def test_gptq_layout_members_round_trip_bit_for_bit(qfam: dict[str, Path], tmp_path: Path) -> None:
+    gptq = qz.gptq_layout(qfam["base"], tmp_path / "gptq")
+    rep = wfactor.factor([f"gptq={gptq}"], base=str(qfam["base"]), out=tmp_path / "fam")
+    q = rep.members[0].quantization
+    assert q["method"] == "gptq" and q["predicted_from_backbone"] is False
+    with wfactor.open_family(tmp_path / "fam") as f:
+        assert f.verify({"gptq": str(gptq)}).ok
+        sd = f.state_dict("gptq")
+    orig = load_file(str(gptq / "model.safetensors"))
+    assert sorted(sd) == sorted(orig) and all(bitwise_equal(sd[k], orig[k]) for k in orig)
+    assert any(k.endswith("qweight") for k in orig)
+
+
+def _broken_copy(src: Path, out: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    out.mkdir()
+    sd = load_file(str(src / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    sd, cfg = edit(sd, cfg)
+    save_file(sd, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def _int_quantized(sd: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, torch.Tensor], dict]:  # type: ignore[type-arg]
+    """int4 codes held in int8 (compressed-tensors' int-quantized), one of them out of the 4-bit range."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("weight_packed"):
+            stem = k[: -len("weight_packed")]
+            m, n = (int(x) for x in sd[stem + "weight_shape"].tolist())
+            codes = torch.zeros(m, n, dtype=torch.int8)
+            codes[0, 0] = 9  # beyond +7
+            out[stem + "weight"] = codes
+        elif not k.endswith("weight_shape"):
+            out[k] = v
+    q = dict(cfg["quantization_config"], format="int-quantized")
+    return out, {**cfg, "quantization_config": q}
+
+
+@pytest.mark.parametrize(
+    "what,source,edit,words",
+    [
+        (
+            "weight_packed against weight_shape",
+            "int4",
+            lambda sd, c: ({**sd, "model.layers.0.mlp.up_proj.weight_shape": torch.tensor([512, 999])}, c),
+            "packs into",
+        ),
+        ("codes out of range", "int4", _int_quantized, "outside the 4-bit range"),
+        (
+            "g_idx against qweight",
+            "gptq",
+            lambda sd, c: ({**sd, "model.layers.0.mlp.up_proj.g_idx": torch.zeros(17, dtype=torch.int32)}, c),
+            "lists 17",
+        ),
+    ],
+)
+def test_damaged_packed_checkpoints_are_one_line_errors(
+    qfam: dict[str, Path],
+    tmp_path: Path,
+    what: str,
+    source: str,
+    edit,
+    words: str,  # type: ignore[no-untyped-def]
+) -> None:
+    src = qfam[source] if source in qfam else qz.gptq_layout(qfam["base"], tmp_path / "src")
+    bad = _broken_copy(src, tmp_path / "bad", edit)
+    code, _out, err = invoke("factor", f"m={bad}", "--base", str(qfam["base"]), "-o", str(tmp_path / "f"), "-q")
+    assert code == 2, (what, err)
+    assert err.startswith("error[input]:") and words in err and err.count("\n") == 1, (what, err)

@@ -85,7 +85,7 @@ def _model_dir(path: Path, name: str, base: str | None, hub_ref: str | None) -> 
     if q is not None:  # a quantised checkpoint (wfactor/quantized.py)
         method, fmt = check_method(q, str(path / "config.json"))
         return QuantizedSource(
-            name, path, files, aux_files(path, set(files)), hub=hub_ref, method=method, quant_format=fmt
+            name, path, files, aux_files(path, set(files)), hub=hub_ref, method=method, quant_format=fmt, qconfig=q
         )
     return Source(name, path, files, aux_files(path, set(files)), hub=hub_ref)
 

@@ -77,9 +77,16 @@ class QuantizedSource(Source):
     quant_format: str | None = None
     _scales: dict[str, str] = field(default_factory=dict, repr=False)  # weight -> its weight_scale tensor
 
+    qconfig: dict[str, Any] = field(default_factory=dict, repr=False)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.quant_format not in FLOAT_FORMATS:
+            try:
+                self._check_packed()
+            except BaseException:
+                self.close()
+                raise
             return
         try:
             for key in self.keys():
@@ -104,6 +111,62 @@ class QuantizedSource(Source):
         except BaseException:
             self.close()
             raise
+
+    def _bits(self) -> int | None:
+        """The weights' bit width from the config (compressed-tensors ``config_groups``, GPTQ/AWQ ``bits``)."""
+        if self.method == "compressed-tensors":
+            widths = {
+                g.get("weights", {}).get("num_bits")
+                for g in (self.qconfig.get("config_groups") or {}).values()
+                if isinstance(g, dict) and isinstance(g.get("weights"), dict)
+            }
+            widths.discard(None)
+            return int(widths.pop()) if len(widths) == 1 else None
+        bits = self.qconfig.get("bits", self.qconfig.get("w_bit"))
+        return int(bits) if isinstance(bits, int) else None
+
+    def _check_packed(self) -> None:
+        """Packed and integer checkpoints, stored as they are, are still checked for what would make them
+        unloadable: ``weight_packed`` against ``weight_shape`` (pack-quantized), int8-held codes within the
+        bit width (int-quantized), ``qweight`` rows against ``g_idx`` (GPTQ)."""
+        bits = self._bits()
+        for key in self.keys():
+            if key.endswith("weight_packed") and bits:
+                stem = key[: -len("weight_packed")]
+                shape_key = stem + "weight_shape"
+                if shape_key not in self:
+                    raise InputError(
+                        f"{self.path}: tensor {key!r} has no {shape_key!r}; pack-quantized weights need it"
+                    )
+                want = [int(x) for x in self.tensor(shape_key).reshape(-1).tolist()]
+                have = list(self.info(key).shape)
+                if len(want) != 2 or have != [want[0], -(-want[1] * bits // 32)]:
+                    cols = -(-want[1] * bits // 32) if len(want) == 2 else "?"
+                    raise InputError(
+                        f"{self.path}: tensor {key!r} is {have} x {self.info(key).dtype}, but {shape_key} {want} "
+                        f"at {bits} bits packs into [{want[0] if want else '?'}, {cols}] int32; the checkpoint is "
+                        "damaged or its config names another bit width"
+                    )
+            elif self.quant_format == "int-quantized" and key.endswith("weight") and bits and bits < 8:
+                if self.info(key).dtype == "I8":
+                    codes = self.tensor(key)
+                    lo, hi = (int(x) for x in torch.aminmax(codes)) if codes.numel() else (0, 0)
+                    q = 1 << (bits - 1)
+                    if lo < -q or hi > q - 1:
+                        raise InputError(
+                            f"{self.path}: tensor {key!r} holds codes {lo}..{hi}, outside the {bits}-bit range "
+                            f"{-q}..{q - 1} its config declares"
+                        )
+            elif self.method == "gptq" and key.endswith("qweight") and bits:
+                g_idx = key[: -len("qweight")] + "g_idx"
+                if g_idx in self:
+                    rows = self.info(key).shape[0] if self.info(key).shape else 0
+                    n = self.info(g_idx).shape[0] if self.info(g_idx).shape else 0
+                    if rows * 32 // bits != n:
+                        raise InputError(
+                            f"{self.path}: tensor {key!r} has {rows} packed rows, which hold {rows * 32 // bits} "
+                            f"inputs at {bits} bits, but {g_idx!r} lists {n}"
+                        )
 
     def prescale(self, key: str) -> torch.Tensor | None:
         scale = self._scales.get(key)
