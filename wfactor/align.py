@@ -27,7 +27,6 @@ than the identity, in the manifest's member plan (informative).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,17 +100,6 @@ def _suffixes(name: str) -> Iterable[tuple[int, str]]:
             yield i, s
 
 
-def content_key(src: Source, key: str) -> tuple[ContentKey, bytes]:
-    raw = src.raw_bytes(key)
-    info = src.info(key)
-    return (info.dtype, tuple(info.shape), hashlib.sha256(raw).hexdigest()), raw
-
-
-def _constant(raw: bytes, itemsize: int) -> bool:
-    n = len(raw) // itemsize if itemsize else 0
-    return n > 0 and raw == raw[:itemsize] * n
-
-
 class BackboneIndex:
     """A backbone's names by suffix and its tensors by content, built once per backbone (one read of it)."""
 
@@ -128,17 +116,10 @@ class BackboneIndex:
             for k, info in self.infos.items():
                 if info.nbytes == 0:
                     continue
-                ck, raw = content_key(backbone, k)
+                ck, constant = backbone.content(k)
                 self.content_of[k] = ck
-                if not _constant(raw, info.nbytes // max(1, _numel(info.shape))):
+                if not constant:  # equal bytes of constant tensors say nothing about a relation
                     self.by_content.setdefault(ck, k)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass
@@ -180,7 +161,6 @@ class Alignment:
     content_bytes: int = 0
     member_only: list[str] = field(default_factory=list)
     member_only_bytes: int = 0
-    digests: dict[str, ContentKey] = field(default_factory=dict)
     reason: str = ""  # the verdict's words (of the identity rule when it is the only one tried)
 
     @property
@@ -337,8 +317,7 @@ def align(
         info = member.info(m)
         if info.nbytes == 0:
             continue
-        ck, _raw = content_key(member, m)
-        out.digests[m] = ck
+        ck, _constant = member.content(m)
         same = index.by_content.get(ck)
         if same is None:
             continue

@@ -7,7 +7,6 @@ written into a temporary directory beside the output, which is renamed into plac
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -54,7 +53,6 @@ from .format.safetensors_io import Entry, SpoolWriter, write_streaming
 from .inputs import open_bases, open_source, split_base
 from .pipelines import aux_relpath, member_components
 from .plan import Budget, Planned, TensorPlanner, allocate, plan_member_tensor, plan_tensor
-from .quantized import QuantizedSource
 from .sources import Source
 from .version import __version__
 
@@ -228,7 +226,7 @@ def allocate_family(
     for src in sources:
         overhead += _header_overhead(src)
         done = 0
-        mapping = _mapping(src, base, alignments)
+        mapping = _mapping(src, base, alignments[src.name] if alignments is not None else None)
 
         def ladder(key: str, src: Source = src, mapping: dict[str, str] = mapping) -> list[tuple[str, int, float]]:
             bname = mapping.get(key)
@@ -254,9 +252,16 @@ def allocate_family(
     return out
 
 
-def _mapping(src: Source, base: Source, alignments: dict[str, Alignment] | None) -> dict[str, str]:
-    if alignments is not None:
-        return alignments[src.name].mapping
+def member_budget(src: Source, budget: Budget) -> Budget:
+    """The budget a member's tensors are planned with: lossless for a model served as it is (a quantised
+    checkpoint: every tensor of it comes back bit for bit), else ``budget``."""
+    return Budget(lossless=True) if src.stored_lossless else budget
+
+
+def _mapping(src: Source, base: Source, alignment: Alignment | None) -> dict[str, str]:
+    """Member tensor -> the backbone tensor it is predicted from: the alignment's, else the same name."""
+    if alignment is not None:
+        return alignment.mapping
     return {k: k for k in src.keys() if k in base}
 
 
@@ -284,10 +289,8 @@ def write_delta(
     records: list[Record] = []
     sizes: dict[str, int] = {}
     total, done = member.nbytes, 0
-    mapping = alignment.mapping if alignment is not None else {k: k for k in member.keys() if k in base}
-    # a quantised checkpoint is served as it is: every tensor of it comes back bit for bit
-    tensor_budget = Budget(lossless=True) if isinstance(member, QuantizedSource) else budget
-    known = alignment.digests if alignment is not None else {}
+    mapping = _mapping(member, base, alignment)
+    tensor_budget = member_budget(member, budget)
 
     def jobs() -> list[tuple[int, str, str | None]]:
         """(record position, tensor, the earlier tensor it is tied to): tied weights (lm_head = embed_tokens)
@@ -296,9 +299,7 @@ def write_delta(
         out = []
         for pos, key in enumerate(member.keys()):
             info = member.info(key)
-            ck = known.get(key)
-            sha = ck[2] if ck is not None else hashlib.sha256(member.raw_bytes(key)).hexdigest()
-            digest = (info.dtype, info.shape, sha)
+            digest, _constant = member.content(key)
             out.append((pos, key, seen.get(digest) if info.nbytes > 0 else None))
             seen.setdefault(digest, key)
         return out
@@ -384,8 +385,9 @@ def member_entry(
     plan = rep.to_json()
     plan.pop("name")
     plan.pop("alignment")
-    if isinstance(src, QuantizedSource):
-        rep.quantization = plan["quantization"] = src.describe()
+    quantization = src.quantization()
+    if quantization is not None:
+        rep.quantization = plan["quantization"] = quantization
     if alignment is not None:
         rep.alignment = alignment.to_json()
         if not alignment.trivial:
@@ -529,7 +531,7 @@ def estimate_family_bytes(
         step = max(1, min(ESTIMATE_SHARE, len(keys) // ESTIMATE_MIN))
         sample = keys[::step]
         mapping = aligned[src.name].mapping
-        tensor_budget = Budget(lossless=True) if isinstance(src, QuantizedSource) else budget
+        tensor_budget = member_budget(src, budget)
         if tensor_budget.global_target:
             tensor_budget = Budget(max_rel_error=budget.max_rel_error)  # a per-tensor estimate of its share
 

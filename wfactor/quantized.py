@@ -188,7 +188,9 @@ class QuantizedSource(Source):
     def quantized_weights(self) -> list[str]:
         return sorted(self._scales)
 
-    def describe(self) -> dict[str, Any]:
+    stored_lossless = True
+
+    def quantization(self) -> dict[str, Any] | None:
         """What the factor report says of the member's quantisation."""
         predicted = self.quant_format in FLOAT_FORMATS
         return {

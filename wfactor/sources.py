@@ -9,6 +9,8 @@ validating reader that guards family files.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +116,27 @@ class Source:
         """One tensor's stored bytes, exactly as in the source file."""
         f, _info = self._where[key]
         return self._open[f].read_bytes(self._in_file[key])
+
+    # a quantised checkpoint (wfactor.quantized) is served as it is: every tensor of it is stored lossless
+    stored_lossless = False
+
+    def quantization(self) -> dict[str, Any] | None:
+        """What the factor report says of a quantised checkpoint's quantisation; None for other models."""
+        return None
+
+    def content(self, key: str) -> tuple[tuple[str, tuple[int, ...], str], bool]:
+        """((dtype, shape, SHA-256 of the bytes), whether every element is the same) of one tensor: its
+        identity by content (tied weights, alignment by content). Read and hashed once per opened model, however
+        many backbone candidates or passes ask."""
+        cache: dict[str, tuple[tuple[str, tuple[int, ...], str], bool]] = self.__dict__.setdefault("_content", {})
+        got = cache.get(key)
+        if got is None:
+            info = self.info(key)
+            raw = self.raw_bytes(key)
+            size = info.nbytes // max(1, math.prod(info.shape)) if info.nbytes else 0
+            constant = info.nbytes > 0 and raw == raw[:size] * (len(raw) // size)
+            got = cache[key] = ((info.dtype, tuple(info.shape), hashlib.sha256(raw).hexdigest()), constant)
+        return got
 
     def prescale(self, key: str) -> torch.Tensor | None:
         """For a quantised member's weight stored as round(W / s): its scales s, one per row (float32);
