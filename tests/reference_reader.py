@@ -47,7 +47,7 @@ import zstandard
 
 __all__ = ["RefError", "RefFamily", "open_family", "read_safetensors", "SafetensorsFile", "READER_VERSION"]
 
-READER_VERSION = 4
+READER_VERSION = 5
 
 MIB64 = 64 * 1024 * 1024
 MAX_TENSORS = 1_000_000
@@ -83,7 +83,8 @@ DTYPES: dict[str, tuple[int, np.dtype]] = {
 F8_KINDS = {"F8_E4M3": (4, 3, 7, True), "F8_E5M2": (5, 2, 15, False)}
 V4_DTYPES = {"F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}
 FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-CODECS = {"dense", "lowrank", "sparse", "quant", "rescale"}
+CODECS = {"dense", "lowrank", "sparse", "quant", "rescale", "requant"}
+LAYOUTS = {"rows", "columns", "codes"}
 ENCODINGS = {"raw", "zstd", "zstd_planes", "bitplanes"}
 
 
@@ -643,6 +644,23 @@ class RefFamily:
             raise RefError(
                 "format", f"{what}: an F8/U16/U32/U64 record or a rescale term needs version 4, the delta is v{version}"
             )
+        if version < 5 and any(
+            isinstance(t, dict) and t.get("codec") == "requant" for r in records for t in r.get("terms") or []
+        ):
+            raise RefError("format", f"{what}: a requant term needs version 5, the delta is v{version}")
+        for r in records:  # section 4.2: a requant term's scales and groups are other records of the delta
+            terms = r.get("terms") or []
+            if not terms or terms[0]["codec"] != "requant":
+                continue
+            for key, kinds in (("scales", FLOATS), ("groups", {"I32", "I64"})):
+                ref = terms[0]["params"].get(key)
+                if ref is None:
+                    continue
+                o = by_name.get(ref)
+                if o is not None and o.get("same_as") is not None:
+                    o = by_name.get(o["same_as"])
+                if o is None or o is r or o["dtype"] not in kinds or any(x["codec"] == "requant" for x in o["terms"]):
+                    raise RefError("codec", f"{what}: {r['name']!r}: requant {key} {ref!r} is not a usable record")
         if keys != set(st.entries):
             stray = sorted(set(st.entries) - keys)[:5]
             raise RefError("format", f"{what}: tensors not named by any part: {stray}")
@@ -663,11 +681,23 @@ class RefFamily:
         st, records = self._open_delta(name)
         bb = self.backbone()  # hashed (section 9) before any backbone tensor is used
         by_name = {r["name"]: r for r in records}
-        out = {}
-        for r in records:
-            src = by_name[r["same_as"]] if r.get("same_as") is not None else r  # tied weights (section 4.1)
-            out[r["name"]] = _rebuild(src, st, bb)
-        return out
+        rebuilt = _Records(by_name, st, bb)
+        return {r["name"]: rebuilt(r["name"]) for r in records}
+
+
+class _Records:
+    """Any record of one delta, rebuilt by name (a requant term's scales and groups, section 5.4)."""
+
+    def __init__(self, by_name: dict[str, dict[str, Any]], st: SafetensorsFile, bb: SafetensorsFile) -> None:
+        self.by_name, self.st, self.bb = by_name, st, bb
+
+    def dtype_of(self, name: str) -> str:
+        return str(self.by_name[name]["dtype"])
+
+    def __call__(self, name: str) -> np.ndarray:
+        r = self.by_name[name]
+        src = self.by_name[r["same_as"]] if r.get("same_as") is not None else r  # tied weights (section 4.1)
+        return _rebuild(src, self.st, self.bb, self)
 
 
 def _part(p: Any, st: SafetensorsFile, keys: set[str], what: str) -> dict[str, Any]:
@@ -751,6 +781,7 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
             "sparse": {"indices", "values"},
             "quant": {"codes", "scales"},
             "rescale": {"scales"},
+            "requant": {"correction"},
         }[codec]
         if set(parts) != roles:
             raise RefError("codec", f"{tw}: {codec} needs parts {sorted(roles)}, has {sorted(parts)}")
@@ -769,6 +800,27 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
             _expect(ps["values"], {"F16", "BF16", "F32"}, [count], tw)
         elif codec == "rescale":
             _expect(ps["scales"], "F32", [m], tw)
+        elif codec == "requant":  # section 4.2 (version 5)
+            allowed = {"bits", "inputs", "group_size", "zero", "layout", "scales", "groups"}
+            if not set(params) <= allowed:
+                raise RefError("codec", f"{tw}: requant has unknown params {sorted(set(params) - allowed)}")
+            b = _int_param(params, "bits", 1, 8, tw)
+            n_in = _int_param(params, "inputs", 1, 1 << 40, tw)
+            _int_param(params, "group_size", 1, n_in, tw)
+            _int_param(params, "zero", 0, (1 << b) - 1, tw)
+            layout = params.get("layout")
+            if layout not in LAYOUTS:
+                raise RefError("codec", f"{tw}: requant layout {layout!r}")
+            if not isinstance(params.get("scales"), str) or not isinstance(params.get("groups", ""), str):
+                raise RefError("codec", f"{tw}: requant scales/groups must be record names")
+            if len(shape) != 2:
+                raise RefError("codec", f"{tw}: a requant record is 2-D")
+            rows = shape[1] if layout == "columns" else shape[0]
+            w = -(-n_in * b // 32)
+            want = {"rows": ("I32", [rows, w]), "columns": ("I32", [w, rows]), "codes": ("I8", [rows, n_in])}[layout]
+            if (t, shape) != want:
+                raise RefError("codec", f"{tw}: a requant record of layout {layout} must be {want}, not {t}{shape}")
+            _expect(ps["correction"], "I8", [rows, n_in], tw)
         else:
             _int_param(params, "bits", 2, 8, tw)
             _expect(ps["codes"], "I8", [m, n], tw)
@@ -786,8 +838,10 @@ def _validate_record(r: Any, st: SafetensorsFile, keys: set[str], what: str) -> 
         raise RefError("codec", f"{what}: a record without base needs exactly one dense term")
     if "dense" in codecs and (codecs != ["dense"] or base is not None):
         raise RefError("codec", f"{what}: a dense term must be the only term, with a null base")
-    if t not in FLOATS and any(c != "dense" for c in codecs):
-        raise RefError("codec", f"{what}: integer/BOOL records may only use dense")
+    if "requant" in codecs and (codecs != ["requant"] or base is None):
+        raise RefError("codec", f"{what}: a requant term is the only term, of a record with a base")
+    if t not in FLOATS and any(c not in ("dense", "requant") for c in codecs):
+        raise RefError("codec", f"{what}: integer/BOOL records may only use dense or requant")
     if "rescale" in codecs[1:] or (codecs[:1] == ["rescale"] and base is None):
         raise RefError("codec", f"{what}: a rescale term must be the first term, of a record with a base")
     if "lowrank" in codecs and residual is not None:
@@ -867,7 +921,9 @@ def _frame_content_size(frame: bytes, key: str) -> int | None:
     return v + 256 if fcs_size == 2 else v
 
 
-def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.ndarray:
+def _rebuild(
+    r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile, records: _Records | None = None
+) -> np.ndarray:
     t, shape, base = r["dtype"], list(r["shape"]), r["base"]
     what = f"tensor {r['name']!r}"
     b = bdtype = None
@@ -875,6 +931,8 @@ def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.
         if base not in bb.entries:
             raise RefError("codec", f"{what}: base {base!r} is not a backbone tensor")
         bdtype, bshape, _, _ = bb.entries[base]
+        if r["terms"] and r["terms"][0]["codec"] == "requant":
+            return _requant(r, st, bb, records, bdtype, bshape)
         if len(bshape) != len(shape):
             raise RefError("codec", f"{what}: base {base!r} has {len(bshape)} dimensions, not {len(shape)}")
         if (t in FLOATS) != (bdtype in FLOATS) or (t not in FLOATS and bdtype != t):
@@ -915,6 +973,68 @@ def _rebuild(r: dict[str, Any], st: SafetensorsFile, bb: SafetensorsFile) -> np.
     if t == "BOOL" and bool(np.any(np.ascontiguousarray(y).view(np.uint8) > 1)):
         raise RefError("codec", f"{what}: a BOOL result holds bytes other than 0 and 1")
     return y if y.flags.writeable else y.copy()
+
+
+def _requant(
+    r: dict[str, Any],
+    st: SafetensorsFile,
+    bb: SafetensorsFile,
+    records: _Records | None,
+    bdtype: str,
+    bshape: list[int],
+) -> np.ndarray:
+    """Section 5.4: quantise the float base with the scales record, add the correction, pack."""
+    what = f"tensor {r['name']!r}"
+    assert records is not None, "a requant record is rebuilt with its delta's other records"
+    p = r["terms"][0]["params"]
+    b, n, g, z, layout = p["bits"], p["inputs"], p["group_size"], p["zero"], p["layout"]
+    m = r["shape"][1] if layout == "columns" else r["shape"][0]
+    if bdtype not in FLOATS or bshape != [m, n]:
+        raise RefError("codec", f"{what}: a requant base must be floating point [{m}, {n}], not {bdtype}{bshape}")
+    scales_rec = records(p["scales"])
+    v = _cast_c(scales_rec, records.dtype_of(p["scales"]), np.dtype(np.float32)).reshape(-1)
+    e = v.size
+    if e != 1 and (e == 0 or e % m):
+        raise RefError("codec", f"{what}: requant scales hold {e} values for {m} rows")
+    groups_n = max(1, e // m)
+    if e == 1:
+        s = np.full((m, 1), v[0], dtype=np.float32)
+    elif layout == "columns":
+        s = v.reshape(groups_n, m).T
+    else:
+        s = v.reshape(m, groups_n)
+    if "groups" in p:
+        gi = records(p["groups"]).reshape(-1).astype(np.int64)
+        if gi.size != n or (n and (gi.min() < 0 or gi.max() >= groups_n)):
+            raise RefError("codec", f"{what}: requant groups out of range")
+    elif groups_n == 1:
+        gi = np.zeros(n, dtype=np.int64)
+    elif groups_n == -(-n // g):
+        gi = np.arange(n) // g
+    else:
+        raise RefError("codec", f"{what}: {groups_n} scale groups, but {n} inputs in groups of {g}")
+    x = _cast_c(bb.array(r["base"]), bdtype, np.dtype(np.float32)).reshape(m, n)
+    with np.errstate(all="ignore"):
+        q = np.rint(x / s[:, gi]).astype(np.float32) + np.float32(z)  # rint: ties to even
+    q = np.where(np.isnan(q), np.float32(z), q)
+    u = np.clip(q, 0, (1 << b) - 1).astype(np.int64)
+    u = u + _decode_part(r["terms"][0]["parts"]["correction"], st).astype(np.int64)
+    if u.size and (u.min() < 0 or u.max() > (1 << b) - 1):
+        raise RefError("codec", f"{what}: requant codes leave [0, {(1 << b) - 1}] after the correction")
+    if layout == "codes":
+        y = (u - (1 << (b - 1))).astype(np.int8)
+    else:
+        words = -(-n * b // 32)
+        bits = ((u[:, :, None] >> np.arange(b)) & 1).astype(np.uint8).reshape(m, n * b)
+        stream = np.zeros((m, words * 32), dtype=np.uint8)
+        stream[:, : n * b] = bits
+        y = np.packbits(stream, axis=1, bitorder="little").view("<i4").reshape(m, words)
+        if layout == "columns":
+            y = np.ascontiguousarray(y.T)
+    if r.get("residual") is not None:
+        res = _decode_part(r["residual"], st)
+        y = (np.ascontiguousarray(y).view(np.uint8) ^ np.ascontiguousarray(res).view(np.uint8)).view(y.dtype)
+    return np.ascontiguousarray(y).reshape(r["shape"])
 
 
 def _term_value(term: dict[str, Any], st: SafetensorsFile, shape: list[int], m: int, n: int, c: np.dtype) -> np.ndarray:

@@ -80,6 +80,7 @@ def test_cases_index() -> None:
         "valid",
         "valid_bitplanes",
         "valid_low_precision",
+        "valid_requant",
         "valid_towers",
     ]
     # every error code a file can provoke has a case

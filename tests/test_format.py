@@ -157,8 +157,8 @@ def test_manifest_parses_and_ignores_unknown_keys() -> None:
 
 
 def test_manifest_rejects_newer_version() -> None:
-    with pytest.raises(VersionError, match="file is v5; this reader supports up to v4"):
-        parse_manifest(json.dumps(manifest_obj(format_version=5)), "m")
+    with pytest.raises(VersionError, match="file is v6; this reader supports up to v5"):
+        parse_manifest(json.dumps(manifest_obj(format_version=6)), "m")
 
 
 @pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a\\b", "./a", "a//b"])

@@ -1,12 +1,14 @@
-"""Quantised and low-precision members (wfactor/quantized.py, format version 4): fp8 compressed-tensors
-checkpoints predicted from their float base by a rescale term, stored lossless; int4 pack-quantized ones
-stored as they are; plain F8 and unsigned-integer tensors; bad quantisation configs refused in one line."""
+"""Quantised and low-precision members (wfactor/quantized.py, format versions 4 and 5): fp8 compressed-tensors
+checkpoints predicted from their float base by a rescale term, int4 pack-quantized and GPTQ-layout ones (round
+to nearest and GPTQ-made) by a requant term, all stored lossless; plain F8 and unsigned-integer tensors; bad
+quantisation configs refused in one line."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILY, invoke
@@ -31,6 +33,8 @@ def qfam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "ft": ft,
         "ft_fp8": qz.quantize_fp8(ft, root / "ft_fp8"),
         "int4": qz.quantize_int4(base, root / "int4"),
+        "ft_int4": qz.quantize_int4(ft, root / "ft_int4"),
+        "gptq": qz.gptq_quantize(base, root / "gptq"),
         "root": root,
     }
 
@@ -53,7 +57,8 @@ def test_fp8_members_round_trip_bit_exact_and_load_in_transformers(
 ) -> None:
     fam, rep = factored
     with wfactor.open_family(fam) as f:
-        assert f.manifest.format_version == 4
+        assert f.manifest.format_version == 5  # the int4 member's requant terms (spec 8)
+        assert [f.open_delta(n).__enter__().version for n in ("fp8", "int4")] == [4, 5]
         report = f.verify({n: str(qfam[n]) for n in ("fp8", "ft_fp8", "int4")})
         assert report.ok, report.problems
         for name in ("fp8", "ft_fp8"):
@@ -92,18 +97,71 @@ def test_a_quantised_fine_tune_pays_for_its_code_changes(
     assert _member(rep, "fp8").delta_bytes < m.delta_bytes
 
 
-def test_pack_quantized_members_are_stored_as_they_are(
+def test_pack_quantized_members_are_predicted_from_the_base(
     qfam: dict[str, Path], factored: tuple[Path, wfactor.FactorReport], tmp_path: Path
 ) -> None:
+    """A round-to-nearest int4 copy of the base: every packed weight is a requant record whose correction is
+    all zero, so the member costs little more than its scales; it materialises bit for bit and loads in
+    transformers with the original's logits."""
     fam, rep = factored
-    q = _member(rep, "int4").quantization
-    assert q["format"] == "pack-quantized" and q["predicted_from_backbone"] is False
+    m = _member(rep, "int4")
+    q = m.quantization
+    assert q["format"] == "pack-quantized" and q["predicted_from_backbone"] is True and "not_predicted" not in q
+    assert m.codecs["requant"].tensors == 14
+    size = (qfam["int4"] / "model.safetensors").stat().st_size
+    scales = sum(v.nbytes for k, v in load_file(str(qfam["int4"] / "model.safetensors")).items() if "scale" in k)
+    assert m.delta_bytes <= 0.15 * size, (m.delta_bytes, size, scales)
+    assert m.codecs["requant"].bytes < 0.01 * m.delta_bytes + 1024  # all-zero corrections: the scales cost
     with wfactor.open_family(fam) as f:
         f.materialize("int4", tmp_path / "int4")
     again = load_file(str(tmp_path / "int4" / "model.safetensors"))
     orig = load_file(str(qfam["int4"] / "model.safetensors"))
     assert sorted(again) == sorted(orig) and all(bitwise_equal(again[k], orig[k]) for k in orig)
     assert torch.equal(qz.logits(tmp_path / "int4"), qz.logits(qfam["int4"]))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_requant_packing_is_compressed_tensors_packing(bits: int) -> None:
+    """Rows of codes as one little-endian bit stream (spec 5.4) are compressed-tensors' pack_to_int32, for every
+    bit width (3, 5, 6, 7 cross word boundaries) and for rows that end inside a word; unpacking inverts it."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from wfactor.codecs import requant
+
+    gen = torch.Generator().manual_seed(bits)
+    for n in (1, 31, 32, 37, 96):
+        q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (3, n), generator=gen, dtype=torch.int8)
+        u = q.to(torch.int16) + (1 << (bits - 1))
+        packed = requant.pack(u, bits, "rows")
+        assert torch.equal(packed, pack_to_int32(q, bits)), (bits, n)
+        assert torch.equal(requant.unpack(packed, bits, n, "rows"), u)
+        assert torch.equal(requant.unpack(requant.pack(u, bits, "columns"), bits, n, "columns"), u)
+
+
+def test_quantised_fine_tune_and_gptq_copy_pay_for_their_code_changes(qfam: dict[str, Path], tmp_path: Path) -> None:
+    """An int4 copy of a fine-tune and a GPTQ-made copy of the base (codes moved by error compensation) come
+    back bit for bit, through wfactor and through the independent reference reader, and cost less than zstd
+    of their own files; their corrections are what costs, not their packed words."""
+    import zstandard
+    from reference_reader import open_family as ref_open
+
+    names = {"ft_int4": qfam["ft_int4"], "gptq": qfam["gptq"]}
+    rep = wfactor.factor([f"{k}={v}" for k, v in names.items()], base=str(qfam["base"]), out=tmp_path / "fam")
+    ref = ref_open(tmp_path / "fam")
+    with wfactor.open_family(tmp_path / "fam") as f:
+        assert f.verify({k: str(v) for k, v in names.items()}).ok
+        for name, path in names.items():
+            sd = f.state_dict(name)
+            orig = load_file(str(path / "model.safetensors"))
+            assert sorted(sd) == sorted(orig) and all(bitwise_equal(sd[k], orig[k]) for k in orig)
+            theirs = ref.state_dict(name)
+            for k in orig:
+                mine = orig[k].contiguous().view(torch.uint8).numpy().tobytes()
+                assert np.ascontiguousarray(theirs[k]).tobytes() == mine, (name, k)
+            raw = (path / "model.safetensors").read_bytes()
+            m = _member(rep, name)
+            assert m.codecs["requant"].tensors == 14 and 0 < m.codecs["requant"].bytes
+            assert m.delta_bytes < 0.6 * len(zstandard.ZstdCompressor(level=3).compress(raw)), (name, m.delta_bytes)
 
 
 def test_analyze_dequantises_a_quantised_copy(qfam: dict[str, Path]) -> None:
@@ -121,6 +179,29 @@ def test_analyze_dequantises_a_quantised_copy(qfam: dict[str, Path]) -> None:
     err = float(torch.linalg.norm(fake_quantize(w, s, None, args) - w) / torch.linalg.norm(w))
     assert m.tensor(name).rel_drift == pytest.approx(err, rel=1e-3)
     assert 0.005 < err < 0.1
+
+
+def test_analyze_dequantises_packed_int4_copies(qfam: dict[str, Path]) -> None:
+    """A packed int4 copy (pack-quantized, and GPTQ-made) is related to its base, each packed weight compared,
+    as the float weight it stands for, with its dequantised values: its drift is its quantisation error,
+    computed here with compressed-tensors' own unpacking."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    rep = analyze([f"int4={qfam['int4']}", f"gptq={qfam['gptq']}"], base=str(qfam["base"]), ranks=False)
+    int4, gptq = rep.models
+    assert int4.related and gptq.related, (int4.reason, gptq.reason)
+    base = load_file(str(qfam["base"] / "model.safetensors"))
+    q = load_file(str(qfam["int4"] / "model.safetensors"))
+    stem = "model.layers.0.mlp.up_proj."
+    w = base[stem + "weight"]
+    codes = unpack_from_int32(q[stem + "weight_packed"], 4, torch.Size(w.shape))
+    deq = (codes.float().reshape(w.shape[0], -1, 32) * q[stem + "weight_scale"][:, :, None]).reshape(w.shape)
+    err = float(torch.linalg.norm(deq - w) / torch.linalg.norm(w))
+    t = int4.tensor(stem + "weight_packed")
+    assert t.base == stem + "weight" and t.rel_drift == pytest.approx(err, rel=1e-3)
+    assert 0.02 < err < 0.3
+    g = gptq.tensor(stem + "qweight")
+    assert g.base == stem + "weight" and 0.02 < g.rel_drift < 0.3
 
 
 def _requantized(qfam: dict[str, Path], tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
@@ -206,7 +287,8 @@ def test_gptq_layout_members_round_trip_bit_for_bit(qfam: dict[str, Path], tmp_p
     gptq = qz.gptq_layout(qfam["base"], tmp_path / "gptq")
     rep = wfactor.factor([f"gptq={gptq}"], base=str(qfam["base"]), out=tmp_path / "fam")
     q = rep.members[0].quantization
-    assert q["method"] == "gptq" and q["predicted_from_backbone"] is False
+    assert q["method"] == "gptq" and q["predicted_from_backbone"] is True
+    assert rep.members[0].codecs["requant"].tensors == 14
     with wfactor.open_family(tmp_path / "fam") as f:
         assert f.verify({"gptq": str(gptq)}).ok
         sd = f.state_dict("gptq")
@@ -252,6 +334,12 @@ def _int_quantized(sd: dict[str, torch.Tensor], cfg: dict) -> tuple[dict[str, to
         ),
         ("codes out of range", "int4", _int_quantized, "outside the 4-bit range"),
         (
+            "grouped scales against the group size",
+            "int4",
+            lambda sd, c: ({**sd, "model.layers.0.mlp.up_proj.weight_scale": torch.ones(512, 3)}, c),
+            "groups per output channel",
+        ),
+        (
             "g_idx against qweight",
             "gptq",
             lambda sd, c: ({**sd, "model.layers.0.mlp.up_proj.g_idx": torch.zeros(17, dtype=torch.int32)}, c),
@@ -272,3 +360,45 @@ def test_damaged_packed_checkpoints_are_one_line_errors(
     code, _out, err = invoke("factor", f"m={bad}", "--base", str(qfam["base"]), "-o", str(tmp_path / "f"), "-q")
     assert code == 2, (what, err)
     assert err.startswith("error[input]:") and words in err and err.count("\n") == 1, (what, err)
+
+
+def test_fp8_backbone_quarters_the_backbone_and_keeps_outputs(tmp_path: Path) -> None:
+    """``--backbone-dtype fp8``: the backbone's matrices are F8_E4M3 with one scale per row (a version-4
+    family), a quarter of the float32 backbone; members are their change from the base on top of it, so a
+    tensor a member left unchanged costs nothing; rebuilt members keep their outputs (worst logit cosine
+    >= 0.999 on real inputs), and the independent reference reader rebuilds the same tensors."""
+    import tinylm
+    from reference_reader import open_family as ref_open
+
+    members = ["lora", "full_ft", "bf16"]
+    args = [f"{m}={FAMILY / m}" for m in members]
+    keep = wfactor.factor(args, base=str(FAMILY / "base"), out=tmp_path / "keep")
+    fp8 = wfactor.factor(args, base=str(FAMILY / "base"), out=tmp_path / "fp8", backbone_dtype="fp8")
+    assert fp8.backbone_bytes < 0.3 * keep.backbone_bytes, (fp8.backbone_bytes, keep.backbone_bytes)
+    assert fp8.backbone_origin["backbone_dtype"] == "fp8"
+    ref = ref_open(tmp_path / "fp8")
+    with wfactor.open_family(tmp_path / "fp8") as f:
+        assert f.manifest.format_version == 4
+        bb = f.backbone("cpu")
+        assert any(t.dtype == torch.float8_e4m3fn for t in bb.values())
+        for m in members:
+            sd = f.state_dict(m)
+            orig = load_file(str(FAMILY / m / "model.safetensors"))
+            model = tinylm.model_from_state_dict(json.loads((FAMILY / m / "config.json").read_text()), sd)
+            cos = tinylm.worst_cosine(tinylm.load_model(FAMILY / m), model)
+            assert cos >= 0.999, (m, cos)
+            for k, v in orig.items():
+                if v.is_floating_point():
+                    err = float(torch.linalg.norm(sd[k].float() - v.float()) / torch.linalg.norm(v.float()))
+                    assert err < 0.05, (m, k, err)  # the backbone's fp8 rounding, about 2-3%
+            theirs = ref.state_dict(m)
+            for k in orig:
+                mine = sd[k].contiguous().view(torch.uint8).numpy().tobytes()
+                if np.ascontiguousarray(theirs[k]).tobytes() != mine:  # only lowrank products may differ in their last bits (spec 5.3)
+                    rec = f.records(m)[k]
+                    assert any(t.codec == "lowrank" for t in rec.terms), (m, k)
+    code, _out, err = invoke(
+        "factor", *args, "--base", str(FAMILY / "base"), "-o", str(tmp_path / "x"), "--backbone-dtype", "fp8",
+        "--lossless", "-q",
+    )  # fmt: skip
+    assert code == 2 and err.startswith("error[input]:") and "--lossless" in err and err.count("\n") == 1, err

@@ -307,7 +307,7 @@ def test_refuses_bad_delta(families: dict[str, Path], tmp_path: Path, mutate, me
         rr.open_family(fam).state_dict(member)
     assert e.value.code in codes, e.value
     if e.value.code == "version":
-        assert "file is v99; this reader supports up to v4" in str(e.value)
+        assert "file is v99; this reader supports up to v5" in str(e.value)
 
 
 def _dup_key(fam: Path) -> None:

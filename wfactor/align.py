@@ -217,10 +217,10 @@ def _pairs(rule: Rule, member: Source, index: BackboneIndex) -> tuple[list[tuple
     pairs, bad = [], []
     exact = 0
     for m in member.keys():
-        b = rule.apply(m)
+        b = rule.apply(member.align_name(m))  # a packed quantised weight aligns as the float weight it holds
         if b is None or b not in index.infos:
             continue
-        mi, bi = member.info(m), index.infos[b]
+        mi, bi = member.align_info(m), index.infos[b]
         if not _kind_compatible(mi, bi):
             bad.append(m)
             continue

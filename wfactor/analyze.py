@@ -149,10 +149,11 @@ def analyze_member(
     tensors: list[TensorAnalysis] = []
     total = member.nbytes
     done = 0
-    mapping = alignment.mapping if alignment is not None else {k: k for k in member.keys() if k in base}
+    mapping = alignment.mapping if alignment is not None else {}
     for key in member.keys():
         info = member.info(key)
-        bname = mapping.get(key, key if key in base else None)
+        own = member.align_name(key)
+        bname = mapping.get(key, own if own in base else None)
         if bname is None:
             ta = TensorAnalysis(
                 key, group_of(key), "only_in_member", False, list(info.shape), info.dtype, None, None, info.nbytes

@@ -206,6 +206,15 @@ max_rel_error_option = click.option(
     "them as they are), instead of zstd frames: ~1% more bytes at 5-8 bits, ~25% at 3-4. A version-3 "
     "family (spec/FORMAT.md 4.3) that older readers refuse.",
 )
+@click.option(
+    "--backbone-dtype",
+    type=click.Choice(["keep", "fp8"]),
+    default="keep",
+    show_default=True,
+    help="fp8: store the backbone's float matrices as F8_E4M3 with one scale per row (a quarter of float32's "
+    "memory on the serving GPU); members are planned as their change from the base on top of it, so they "
+    "carry its fp8 rounding. Not with --lossless or quantised members. A version-4 family.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing family directory (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @quiet_option
@@ -225,6 +234,7 @@ def factor(
     target_ratio: float | None,
     max_shard_size: str | None,
     fast_load: bool,
+    backbone_dtype: str,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -269,6 +279,7 @@ def factor(
                 exhaustive=exhaustive_backbone,
                 executor=executor,
                 ray_address=ray_address,
+                backbone_dtype=backbone_dtype,
             )
         if as_json:
             emit_json(rep.to_json())

@@ -52,7 +52,7 @@ from .format.records import Record, record_version
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
 from .inputs import open_bases, open_source, split_base
 from .pipelines import aux_relpath, member_components
-from .plan import Budget, Planned, TensorPlanner, allocate, plan_member_tensor, plan_tensor
+from .plan import Budget, Planned, TensorPlanner, allocate, plan_member_tensor, plan_tensor, planning_pair
 from .sources import Source
 from .version import __version__
 
@@ -230,8 +230,8 @@ def allocate_family(
 
         def ladder(key: str, src: Source = src, mapping: dict[str, str] = mapping) -> list[tuple[str, int, float]]:
             bname = mapping.get(key)
-            base_t = base.tensor(bname) if bname is not None else None
-            return TensorPlanner(key, src.tensor(key), bname, base_t, budget).ladder()
+            target, base_t, _t = planning_pair(src, base, key, bname)
+            return TensorPlanner(key, target, bname, base_t, budget).ladder()
 
         for key, lad in zip(src.keys(), ordered_map(ladder, src.keys(), workers, one_torch_thread)):
             ladders.append(lad)
@@ -595,6 +595,7 @@ def factor(
     exhaustive: bool = False,
     executor: str = "local",
     ray_address: str | None = None,
+    backbone_dtype: str = "keep",
 ) -> FactorReport:
     """Factor ``members`` (each ``[NAME=]PATH``) into a family directory ``out``.
 
@@ -628,10 +629,23 @@ def factor(
     ``exhaustive=True`` factors both and keeps the smaller (twice the work). Members unrelated to
     the backbone are stored whole and flagged (``MemberReport.related``). Returns what was written, per
     member: bytes, ratio, worst error, codecs.
+
+    ``backbone_dtype="fp8"`` stores the backbone's floating-point matrices in F8_E4M3 with one scale per row
+    (:class:`wfactor.quantized.Fp8Backbone`, a version-4 family): a resident backbone takes a quarter of
+    float32's memory, half of bfloat16's. Each member is planned, within ``budget``, as its change from the
+    base carried over onto that fp8 view, so rebuilt members carry the backbone's fp8 rounding (as an fp8
+    checkpoint does) on top of the budget. Not with a lossless budget, quantised members or Ray.
     """
     budget = budget or Budget()
     budget.validate()
     n_workers = resolve_workers(workers)
+    if backbone_dtype not in ("keep", "fp8"):
+        raise InputError(f"--backbone-dtype must be keep or fp8, found {backbone_dtype!r}")
+    if backbone_dtype == "fp8" and (budget.lossless or executor != "local"):
+        raise InputError(
+            "--backbone-dtype fp8 rounds the backbone, so members cannot come back bit for bit: drop "
+            + ("--lossless" if budget.lossless else "--executor ray (an fp8 backbone is planned locally)")
+        )
     if executor not in ("local", "ray"):
         raise InputError(f"--executor must be local or ray, found {executor!r}")
     remote: Any = None
@@ -698,12 +712,26 @@ def factor(
                 estimated = {c[1]["kind"]: e for c, e in zip(candidates, est)}
                 best = min(range(len(candidates)), key=lambda i: (est[i], i))
                 candidates = [candidates[best]]
+            if backbone_dtype == "fp8":
+                quantised = [s.name for s in sources if s.stored_lossless]
+                if quantised:
+                    raise InputError(
+                        f"member {quantised[0]!r} is a quantised checkpoint; --backbone-dtype fp8 factors float "
+                        "members only (factor quantised checkpoints against a float backbone)"
+                    )
             results = []
             for k, (bsrc, origin, aligned) in enumerate(candidates):
                 tmp = work / f"family-{k}"
+                written = bsrc
+                if backbone_dtype == "fp8":
+                    from .quantized import Fp8Backbone
+
+                    written = Fp8Backbone(bsrc.name, bsrc.path, [], inner=bsrc)
+                    origin = dict(origin, backbone_dtype="fp8")
                 _man, reports = _write_family(
-                    sources, bsrc, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load, n_workers, remote
-                )
+                    sources, written, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load, n_workers,
+                    remote,
+                )  # fmt: skip
                 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
                 results.append((size, k, tmp, reports, bsrc))
             size, k, chosen, reports, bsrc = min(results, key=lambda r: (r[0], r[1]))
@@ -724,6 +752,8 @@ def factor(
         backbone_size = read_manifest(out).backbone_bytes
         rep = FactorReport(out, backbone_size, bsrc.nbytes if bases else 0, reports, budget)
         rep.backbone_origin = dict(candidates[k][1], **(extra or {"tried_bytes": tried}))
+        if backbone_dtype == "fp8":
+            rep.backbone_origin["backbone_dtype"] = "fp8"
         return rep
     finally:
         for s in opened:

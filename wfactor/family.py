@@ -171,7 +171,10 @@ class Family(FamilyDir):
         def load(spec: PartSpec) -> torch.Tensor:
             return to_device(read_part(delta.file, spec, where), spec.dtype, torch.device(device))
 
-        return self._reconstruct(rec, base, load, device, str(delta.file.path), rec.name)
+        def others(name: str) -> torch.Tensor:
+            return self.rebuild(delta, delta.records[name], device)
+
+        return self._reconstruct(rec, base, load, device, str(delta.file.path), rec.name, others)
 
     @staticmethod
     def _reconstruct(
@@ -181,12 +184,13 @@ class Family(FamilyDir):
         device: str | torch.device,
         path: str,
         name: str,
+        others: Callable[[str], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``reconstruct`` with every error in one line that names the delta file ``path`` and tensor ``name``
         (a part's decoding names them already; a decode-time check, such as sparse indices, does not)."""
         where = f"{path}: tensor {name!r}"
         try:
-            return reconstruct(rec, base, load, device)
+            return reconstruct(rec, base, load, device, others)
         except WfactorError as exc:
             if exc.message.startswith(path):
                 raise
@@ -222,13 +226,20 @@ class Family(FamilyDir):
         prefix = self.component_prefix(name, component)
         out: dict[str, torch.Tensor] = {}
         with self._delta_parts(name, dev) as (records, part, delta_path):
+
+            def others(other: str) -> torch.Tensor:  # a requant record's scales, rebuilt again (small)
+                o = records[other]
+                o = records[o.same_as] if o.same_as is not None else o
+                ob = self.base_tensor(o.base, dev) if o.base is not None else None
+                return self._reconstruct(o, ob, part, dev, delta_path, other)
+
             for meta in self.member(name).tensors:
                 if not meta.name.startswith(prefix):
                     continue
                 rec = records[meta.name]
                 src = records[rec.same_as] if rec.same_as is not None else rec
                 base = self.base_tensor(src.base, dev) if src.base is not None else None
-                t = self._reconstruct(src, base, part, dev, delta_path, meta.name)
+                t = self._reconstruct(src, base, part, dev, delta_path, meta.name, others)
                 if copy and base is not None and t.data_ptr() == base.data_ptr():
                     t = t.clone()
                 if dtype is not None and t.is_floating_point():

@@ -16,14 +16,15 @@ import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .budget import DEFAULT_MAX_REL_ERROR, Budget  # noqa: F401  (the planner's options; re-exported)
-from .codecs import dense, lowrank, quant, residual, sparse
+from .codecs import dense, lowrank, quant, requant, residual, sparse
 from .codecs.base import Encoded
+from .errors import InputError
 from .format.constants import MAX_BITS, MIN_BITS
 from .format.parts import PartSpec, encode_part, read_part_array
 from .format.records import Record, Term, rows_cols
@@ -507,6 +508,86 @@ def plan_prescaled(
     return p
 
 
+def plan_requant(
+    name: str,
+    target: torch.Tensor,
+    base_name: str,
+    base: torch.Tensor,
+    params: dict[str, Any],
+    scales: torch.Tensor,
+    groups: torch.Tensor | None,
+) -> Planned:
+    """A packed integer weight ``target`` (int4/int8 codes in the member's layout, ``params`` of a requant
+    term) stored lossless against its float base: the codes of the base quantised with the member's own
+    ``scales`` (a requant term, spec 4.2 and 5.4), plus a code correction where they differ (all zero, and
+    almost free, for a plain quantised copy of the base), or the tensor dense when that is smaller. The
+    prediction is checked bit for bit through the reader's path; what it misses (padding bits) goes into an
+    XOR residual."""
+    bits, layout, rows, inputs = int(params["bits"]), str(params["layout"]), base.shape[0], base.shape[1]
+    s = requant.scale_matrix(scales, rows, layout)
+    gidx = requant.group_index(inputs, int(params["group_size"]), groups, s.shape[1], base.device)
+    correction = requant.unpack(target, bits, inputs, layout)
+    correction.sub_(requant.quantize(base, s, gidx, bits, int(params["zero"])))
+    term = Encoded("requant", dict(params), {"correction": (storage_view(correction.to(torch.int8)), "I8", "zstd")})
+    del correction
+    p = assemble(name, target, base_name, [term], None)
+
+    def load(spec: PartSpec) -> torch.Tensor:
+        return from_storage(read_part_array(spec, p.stored[spec.key], spec.key), spec.dtype)
+
+    named = {params["scales"]: scales} | ({params["groups"]: groups} if groups is not None else {})
+
+    def others(key: str) -> torch.Tensor:  # the member's own scales / groups: stored lossless beside it
+        return named[key]
+
+    pred = predict(p.record, base, load, base.device, others)
+    if not bitwise_equal(pred, target):
+        p = assemble(name, target, base_name, [term], residual.encode(target, pred))
+    d = assemble(name, target, None, [dense.encode(target)], None)
+    p = d if d.nbytes < p.nbytes else p
+    p.record.error = {"rel_l2": 0.0, "max_abs": 0.0}
+    return p
+
+
+def planning_pair(
+    member: Source, base: Source, key: str, bname: str | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(the member tensor to plan, the backbone tensor to plan it against, the rescale scales of a quantised
+    backbone or None). On a quantised backbone (:class:`wfactor.quantized.Fp8Backbone`) the member is planned
+    against the backbone's view V ~= B, as its change from the base carried over onto it: W' = W + (V - B),
+    so that a tensor the member left unchanged is the view itself (no bytes)."""
+    target = member.tensor(key)
+    if bname is None:
+        return target, None, None
+    view, original = base.planning_view(bname)
+    t = base.rescale_scales(bname)
+    if t is None or original is None or not target.is_floating_point():
+        return target, view, None
+    if member.prescale(key) is not None or member.packed(key) is not None:
+        raise InputError(
+            f"{member.path}: tensor {key!r} is a quantised weight; --backbone-dtype fp8 factors float members "
+            "only (factor quantised checkpoints against a float backbone)"
+        )
+    shape, cd = tuple(target.shape), compute_torch_dtype(format_dtype(target.dtype))
+    moved = target.to(cd) + (base_view(view, shape, cd) - base_view(original, shape, cd))
+    return moved.to(target.dtype), view, t
+
+
+def with_rescale(p: Planned, t: torch.Tensor) -> Planned:
+    """``p`` (planned against a quantised backbone's view B / t) with the ``rescale`` term by ``t`` in front,
+    so that the reader's prediction starts from that view (spec 5.1 step 1a); rows the base does not have
+    (a grown vocabulary) are zeros whatever their scale, 1."""
+    rec = p.record
+    m = rows_cols(rec.shape)[0]
+    scales = torch.ones(m, dtype=torch.float32)
+    k = min(m, t.numel())
+    scales[:k] = t.reshape(-1)[:k]
+    spec, data = encode_part(_part_key(rec.name, "s", "scales"), storage_view(scales), "F32", "zstd_planes")
+    terms = [Term("rescale", {}, {"scales": spec})] + list(rec.terms)
+    out = Record(rec.name, rec.shape, rec.dtype, rec.base, terms, rec.residual, rec.error, rec.same_as)
+    return Planned(out, {**p.stored, spec.key: data})
+
+
 def plan_member_tensor(
     member: Source,
     base: Source,
@@ -520,10 +601,21 @@ def plan_member_tensor(
     """One member tensor planned and encoded against its aligned backbone tensor ``bname`` (None: dense), its
     parts keyed by its record position ``pos``: the unit of work of every executor (threads here, Ray tasks
     in :mod:`wfactor.distributed`), so that every executor writes the same bytes."""
-    target = member.tensor(key)
-    base_t = base.tensor(bname) if bname is not None else None
+    target, base_t, carried = planning_pair(member, base, key, bname)
+    if carried is not None:  # a quantised backbone (--backbone-dtype fp8): its view is B / t, a rescale term
+        planned = plan_tensor(key, target, bname, base_t, budget, option)
+        planned = with_rescale(planned, carried) if planned.record.base is not None else planned
+        planned = rekey(planned, str(pos))
+        return codes_as_planes(planned) if fast_load else planned
     scales = member.prescale(key) if base_t is not None else None
-    if scales is not None and base_t is not None and bname is not None:
+    packed = member.packed(key) if base_t is not None else None
+    if packed is not None and base_t is not None and bname is not None and tuple(base_t.shape) == (
+        packed.rows,
+        packed.inputs,
+    ):  # a packed integer weight: its codes predicted from the float base, lossless
+        groups = member.tensor(packed.groups) if packed.groups is not None else None
+        planned = plan_requant(key, target, bname, base_t, packed.params(), member.tensor(packed.scales), groups)
+    elif scales is not None and base_t is not None and bname is not None:
         planned = plan_prescaled(key, target, bname, base_t, scales)  # a quantised weight: lossless
     else:
         planned = plan_tensor(key, target, bname, base_t, budget, option)

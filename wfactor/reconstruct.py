@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .codecs import rescale
+from .codecs import requant, rescale
 from .codecs import residual as residual_codec
 from .codecs.registry import decode_term
 from .errors import CodecError
@@ -21,6 +21,7 @@ from .format.records import Record
 from .tensors import F8_TORCH, TORCH_DTYPES, compute_torch_dtype
 
 PartLoader = Callable[[PartSpec], torch.Tensor]
+RecordLoader = Callable[[str], torch.Tensor]  # another record of the same delta, rebuilt (requant's scales)
 
 # codecs whose decoded term is always a new tensor (never a view of a cached part): safe to sum into in place
 FRESH_TERMS = frozenset({"quant", "sparse"})
@@ -68,9 +69,28 @@ def canonical_nan(y: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, canon, y)
 
 
-def predict(record: Record, base: torch.Tensor | None, load: PartLoader, device: torch.device | str) -> torch.Tensor:
-    """round_T(cast_C(view(B)) + terms): the record's prediction in the target dtype, before any residual."""
+def predict(
+    record: Record,
+    base: torch.Tensor | None,
+    load: PartLoader,
+    device: torch.device | str,
+    others: RecordLoader | None = None,
+) -> torch.Tensor:
+    """round_T(cast_C(view(B)) + terms): the record's prediction in the target dtype, before any residual.
+    ``others`` rebuilds another record of the delta by name (a requant term's scales and groups, spec 5.4)."""
     target = TORCH_DTYPES[record.dtype]
+    if record.terms and record.terms[0].codec == "requant":
+        term = record.terms[0]
+        if base is None or others is None:
+            raise CodecError("a requant record needs its base and the delta's other records")
+        groups = term.params.get("groups")
+        return requant.decode(
+            base.to(device),
+            term.params,
+            load(term.parts["correction"]),
+            others(str(term.params["scales"])),
+            others(str(groups)) if groups is not None else None,
+        )
     cdtype = compute_torch_dtype(record.dtype) if target.is_floating_point else target
     if not record.terms:
         assert base is not None
@@ -110,9 +130,13 @@ def predict(record: Record, base: torch.Tensor | None, load: PartLoader, device:
 
 
 def reconstruct(
-    record: Record, base: torch.Tensor | None, load: PartLoader, device: torch.device | str = "cpu"
+    record: Record,
+    base: torch.Tensor | None,
+    load: PartLoader,
+    device: torch.device | str = "cpu",
+    others: RecordLoader | None = None,
 ) -> torch.Tensor:
-    y = predict(record, base, load, device)
+    y = predict(record, base, load, device, others)
     if record.residual is not None:
         y = residual_codec.apply(y, load(record.residual))
     if y.dtype == torch.bool and bool((y.view(torch.uint8) > 1).any()):  # spec 5.2, whatever the source

@@ -143,6 +143,32 @@ class Source:
         None for every other tensor (:class:`wfactor.quantized.QuantizedSource`)."""
         return None
 
+    def align_name(self, key: str) -> str:
+        """The name alignment matches with backbone names: the tensor's own, or for a packed quantised weight
+        (``...weight_packed``, ``...qweight``) the float weight it stands for (``...weight``)."""
+        return key
+
+    def align_info(self, key: str) -> TensorInfo:
+        """The dtype and shape alignment checks against a backbone tensor: the tensor's own, or for a packed
+        quantised weight those of the float weight it stands for (F32, [out, in])."""
+        return self.info(key)
+
+    def packed(self, key: str) -> Any:
+        """A packed quantised weight's layout (:class:`wfactor.quantized.PackedWeight`), None for every other
+        tensor: such a weight is planned as a requant record (spec 4.2)."""
+        return None
+
+    def rescale_scales(self, key: str) -> torch.Tensor | None:
+        """For a backbone stored quantised (:class:`wfactor.quantized.Fp8Backbone`): the per-row scales t of
+        the rescale term every record predicted from tensor ``key`` starts with (its view is B / t); None
+        for every other tensor and backbone."""
+        return None
+
+    def planning_view(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the backbone tensor as a reader sees it, the original tensor it stands for or None): the tensor
+        itself and None, except for a quantised backbone (its dequantised view and the original)."""
+        return self.tensor(key), None
+
     def analysis_tensor(self, key: str) -> tuple[torch.Tensor, str]:
         """The tensor as analysis compares it with a base, and its dtype: itself, or for a quantised weight
         its dequantised values W = Q * s in float32."""

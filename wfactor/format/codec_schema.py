@@ -91,8 +91,20 @@ SCHEMAS: dict[str, CodecSchema] = {
     "rescale": CodecSchema(
         "rescale", (), (PartSchema("scales", lambda m, n, s, p: (m,), ("F32",)),), first_only=True, version=4
     ),
+    # version 5: packed integer codes (int4/int8 checkpoints) predicted by quantising the base with the member's
+    # own scales (another record, named by the string parameter `scales`); its own check is
+    # records.check_requant: integer parameters, layout and the base's [rows, inputs] (spec 4.2, 5.4)
+    "requant": CodecSchema(
+        "requant",
+        (),
+        (PartSchema("correction", lambda m, n, s, p: (p["rows"], p["inputs"]), ("I8",)),),
+        floating_only=False,
+        first_only=True,
+        version=5,
+    ),
 }
 CODEC_NAMES = tuple(SCHEMAS)
+REQUANT_LAYOUTS = ("rows", "columns", "codes")
 
 
 def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:

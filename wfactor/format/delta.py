@@ -8,6 +8,7 @@ from typing import BinaryIO
 
 from ..errors import BackboneMismatchError, CodecError, FormatError, LimitError, VersionError
 from .constants import (
+    FLOAT_DTYPES,
     LOW_PRECISION_FORMAT_VERSION,
     MAX_FORMAT_VERSION,
     MAX_TENSORS,
@@ -17,6 +18,7 @@ from .constants import (
     META_RECORDS,
     META_VERSION,
     PLANES_FORMAT_VERSION,
+    REQUANT_FORMAT_VERSION,
     SHA256_RE,
 )
 from .records import Record, record_from_json, record_version
@@ -29,6 +31,28 @@ def check_version(ver: str | None, where: str) -> None:
         raise FormatError(f"{where}: {META_VERSION} must be a positive decimal integer, found {ver!r}")
     if int(ver) > MAX_FORMAT_VERSION:
         raise VersionError(f"{where}: file is v{int(ver)}; this reader supports up to v{MAX_FORMAT_VERSION}")
+
+
+def check_requant_refs(rec: Record, records: dict[str, Record], where: str) -> None:
+    """A requant term's ``scales`` (and ``groups``) name other records of the delta (spec 4.2): floating-point
+    scales and integer groups, neither with a requant term itself (nor same_as one)."""
+    if not rec.terms or rec.terms[0].codec != "requant":
+        return
+    params = rec.terms[0].params
+    for key, kinds, text in (("scales", FLOAT_DTYPES, "floating-point"), ("groups", ("I32", "I64"), "I32 or I64")):
+        name = params.get(key)
+        if name is None:
+            continue
+        other = records.get(name)
+        if other is not None and other.same_as is not None:
+            other = records.get(other.same_as)
+        if other is None or other.name == rec.name or other.dtype not in kinds or (
+            other.terms and other.terms[0].codec == "requant"
+        ):
+            raise CodecError(
+                f"{where}: tensor {rec.name!r}: requant {key} {name!r} must be another {text} record of this delta "
+                "without a requant term"
+            )
 
 
 class DeltaFile:
@@ -89,6 +113,11 @@ class DeltaFile:
                         f"{where}: tensor {rec.name!r} is same_as {rec.same_as!r}, which must be an earlier record "
                         "of the same shape and dtype that is not itself same_as"
                     )
+            if self.version < REQUANT_FORMAT_VERSION and record_version(rec) >= REQUANT_FORMAT_VERSION:
+                raise FormatError(
+                    f"{where}: tensor {rec.name!r} has a requant term, which needs {META_VERSION} "
+                    f"{REQUANT_FORMAT_VERSION}; the file says {self.version}"
+                )
             if self.version < LOW_PRECISION_FORMAT_VERSION and record_version(rec) >= LOW_PRECISION_FORMAT_VERSION:
                 raise FormatError(
                     f"{where}: tensor {rec.name!r} is {rec.dtype} or has a rescale term, which needs {META_VERSION} "
@@ -106,6 +135,8 @@ class DeltaFile:
                     raise CodecError(f"{where}: part {spec.key!r} is used by two records")
                 used.add(spec.key)
             records[rec.name] = rec
+        for rec in records.values():
+            check_requant_refs(rec, records, where)
         stray = sorted(set(self.file.tensors) - used)
         if stray:
             raise FormatError(f"{where}: tensor {stray[0]!r} is not a part of any record ({len(stray)} such)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CodecError, LimitError
-from .codec_schema import CODEC_NAMES, SCHEMAS, check_params, matrix_view
+from .codec_schema import CODEC_NAMES, REQUANT_LAYOUTS, SCHEMAS, check_params, matrix_view
 from .constants import DTYPES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, MAX_TERMS
 from .parts import PartSpec
 from .safetensors_io import check_name, check_shape
@@ -80,6 +80,16 @@ class Record:
         return out
 
 
+def _requant_params(obj: dict[str, Any]) -> object | None:
+    """The params of a record's requant term in its raw JSON (before the terms are validated), else None."""
+    terms = obj.get("terms")
+    if isinstance(terms, list):
+        for t in terms:
+            if isinstance(t, dict) and t.get("codec") == "requant":
+                return t.get("params", {})
+    return None
+
+
 def _expect(part: PartSpec, where: str, role: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
     if part.shape != shape or part.dtype not in dtypes:
         raise CodecError(
@@ -89,9 +99,12 @@ def _expect(part: PartSpec, where: str, role: str, shape: tuple[int, ...], dtype
 
 
 def record_version(rec: Record) -> int:
-    """The lowest format version that can hold this record (spec 8): 4 for a low-precision dtype (F8, U16,
-    U32, U64) or a rescale term, 3 for a bitplanes part, else 1."""
-    if rec.dtype in LOW_PRECISION_DTYPES or any(SCHEMAS[t.codec].version >= 4 for t in rec.terms):
+    """The lowest format version that can hold this record (spec 8): 5 for a requant term, 4 for a
+    low-precision dtype (F8, U16, U32, U64) or a rescale term, 3 for a bitplanes part, else 1."""
+    term_version = max((SCHEMAS[t.codec].version for t in rec.terms), default=1)
+    if term_version >= 5:
+        return term_version
+    if rec.dtype in LOW_PRECISION_DTYPES or term_version >= 4:
         return 4
     if any(s.encoding == "bitplanes" for s in rec.part_specs()):
         return 3
@@ -115,12 +128,64 @@ def validate_term(term: Term, shape: tuple[int, ...], dtype: str, where: str) ->
             f"{where}: {schema.name} needs a tensor of at least {schema.min_ndim} dimensions, found {list(shape)}"
         )
     try:
-        params = check_params(schema, term.params, shape, where)
+        params = check_requant(term.params, shape, dtype, where) if schema.name == "requant" else {}
+        params = params or check_params(schema, term.params, shape, where)
     except ValueError as exc:
         raise CodecError(str(exc)) from None
     m, n = rows_cols(shape)
     for ps in schema.parts:
         _expect(term.parts[ps.role], where, ps.role, ps.dims(m, n, shape, params), ps.dtypes or (dtype,))
+
+
+def _int(params: dict[str, Any], name: str, low: int, high: int, where: str) -> int:
+    v = params.get(name)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{where}: parameter {name!r} must be an integer, found {v!r}")
+    if not low <= v <= high:
+        raise ValueError(f"{where}: requant {name} {v} must lie in {low}..{high}")
+    return v
+
+
+def check_requant(params: dict[str, Any], shape: tuple[int, ...], dtype: str, where: str) -> dict[str, int]:
+    """A requant term's parameters against its record (spec 4.2): bits 1..8, inputs n' >= 1, group_size
+    1..n', zero 0..2^b - 1, a layout, the ``scales`` record's name (and ``groups``'), and the record's shape
+    and dtype as the layout packs [m', n'] codes. Returns the integer parameters with ``rows`` = m'."""
+    bits = _int(params, "bits", 1, 8, where)
+    inputs = _int(params, "inputs", 1, 1 << 40, where)
+    _int(params, "group_size", 1, inputs, where)
+    _int(params, "zero", 0, (1 << bits) - 1, where)
+    layout = params.get("layout")
+    if layout not in REQUANT_LAYOUTS:
+        raise ValueError(f"{where}: requant layout {layout!r} must be one of {', '.join(REQUANT_LAYOUTS)}")
+    for key in ("scales", "groups"):
+        v = params.get(key)
+        if (key == "scales" or v is not None) and not isinstance(v, str):
+            raise ValueError(f"{where}: requant {key} must name a record of the delta, found {v!r}")
+    unknown = set(params) - {"bits", "inputs", "group_size", "zero", "layout", "scales", "groups"}
+    if unknown:
+        raise ValueError(f"{where}: requant has no parameter {sorted(unknown)[0]!r}")
+    if len(shape) != 2:
+        raise ValueError(f"{where}: a requant record is a matrix, found shape {list(shape)}")
+    rows = shape[1] if layout == "columns" else shape[0]
+    words = -(-inputs * bits // 32)
+    want = {"rows": ((rows, words), "I32"), "columns": ((words, rows), "I32"), "codes": ((rows, inputs), "I8")}
+    wshape, wdtype = want[str(layout)]
+    if (tuple(shape), dtype) != (wshape, wdtype):
+        raise ValueError(
+            f"{where}: a requant record of layout {layout} for {inputs} inputs at {bits} bits is "
+            f"{list(wshape)} x {wdtype}, found {list(shape)} x {dtype}"
+        )
+    out = {k: int(params[k]) for k in ("bits", "inputs", "group_size", "zero")}
+    out["rows"] = rows
+    return out
+
+
+def requant_base_shape(rec: Record) -> tuple[int, int] | None:
+    """The [m', n'] base shape of a requant record, or None for any other record."""
+    if not rec.terms or rec.terms[0].codec != "requant":
+        return None
+    p = rec.terms[0].params
+    return (rec.shape[1] if p["layout"] == "columns" else rec.shape[0], int(p["inputs"]))
 
 
 def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str]] | None, where: str) -> Record:
@@ -145,9 +210,13 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
         if base not in base_shapes:
             raise CodecError(f"{where}: base tensor {base!r} is not in the backbone")
         bshape, bdtype = base_shapes[base]
-        if len(bshape) != len(shape):
+        requant = _requant_params(obj)
+        if requant is not None:  # spec 4.2: a float base of exactly [m', n'], whatever the record's dtype
+            if not isinstance(requant, dict) or bdtype not in FLOAT_DTYPES:
+                raise CodecError(f"{where}: base {base!r} is {bdtype}; a requant record needs a floating-point base")
+        elif len(bshape) != len(shape):
             raise CodecError(f"{where}: base {base!r} has {len(bshape)} dimensions, the tensor {len(shape)}")
-        if (dtype in FLOAT_DTYPES) != (bdtype in FLOAT_DTYPES) or (dtype not in FLOAT_DTYPES and dtype != bdtype):
+        elif (dtype in FLOAT_DTYPES) != (bdtype in FLOAT_DTYPES) or (dtype not in FLOAT_DTYPES and dtype != bdtype):
             raise CodecError(f"{where}: base {base!r} is {bdtype}; a {dtype} tensor cannot be predicted from it")
     raw_terms = obj.get("terms", [])
     if not isinstance(raw_terms, list) or len(raw_terms) > MAX_TERMS:
@@ -162,8 +231,16 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
         terms.append(term)
     if any(t.codec == "rescale" for t in terms[1:]) or (terms and terms[0].codec == "rescale" and base is None):
         raise CodecError(f"{where}: a rescale term must be the first term, of a record with a base")
-    if dtype not in FLOAT_DTYPES and any(t.codec != "dense" for t in terms):
-        raise CodecError(f"{where}: a {dtype} tensor may only use the dense codec")
+    if any(t.codec == "requant" for t in terms):
+        if len(terms) != 1 or base is None:
+            raise CodecError(f"{where}: a requant term must be the only term, of a record with a base")
+        rp = terms[0].params
+        want = [shape[1] if rp["layout"] == "columns" else shape[0], rp["inputs"]]
+        if base_shapes is not None and base in base_shapes and list(base_shapes[base][0]) != want:
+            found = list(base_shapes[base][0])
+            raise CodecError(f"{where}: base {base!r} is {found}; this requant record packs a {want} base")
+    elif dtype not in FLOAT_DTYPES and any(t.codec != "dense" for t in terms):
+        raise CodecError(f"{where}: a {dtype} tensor may only use the dense codec (or requant)")
     if any(t.codec == "dense" for t in terms) and (len(terms) != 1 or base is not None):
         raise CodecError(f"{where}: a dense term must be the only term, with base null")
     same_as = obj.get("same_as")
