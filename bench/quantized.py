@@ -68,7 +68,7 @@ def main() -> None:
         "",
         (
             "Checkpoints made here with compressed-tensors (`fixtures/quantized.py`): a Llama base (hidden 512, "
-            "4 layers, random initialisation, float32) and three quantised members, factored against it in one "
+            "4 layers, random initialisation, float32) and six quantised members, factored against it in one "
             f"family, lossless (every tensor verified bit for bit: {'yes' if ok else 'NO'}). Bytes are shares of "
             "each quantised checkpoint's own file:"
         ),

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAMILY, ROOT
 
 import wfactor
@@ -109,3 +110,41 @@ def test_families_are_byte_identical_for_any_number_of_workers(tmp_path: Path, m
         )
         trees.append(_files(out))
     assert trees[0] == trees[1] == trees[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path) -> None:
+    """--device cuda where torch sees no GPU, and a device that is not one, are refused in one line."""
+    from conftest import invoke
+
+    for device, words in (("cuda", "no such CUDA device"), ("cuda:7", "no such CUDA device"), ("tpu", "cpu, cuda")):
+        code, _out, err = invoke(
+            "factor", *_args(["lora"]), "--base", str(FAMILY / "base"), "-o", str(tmp_path / "f"), "--device", device
+        )
+        assert code == 2 and err.startswith("error[input]:") and words in err and err.count("\n") == 1, err
+        assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_planning_is_deterministic_and_keeps_outputs(tmp_path: Path) -> None:  # pragma: no cover - GPU only
+    """--device cuda: two runs (1 and 2 workers) write the same bytes; lossless is the same as on the CPU; the
+    lossy members keep their outputs."""
+    import tinylm
+
+    members, base, extra = MODES["lossy"]
+    trees = []
+    for workers in (1, 2):
+        out = tmp_path / f"cuda{workers}"
+        wfactor.factor(_args(members), base=str(FAMILY / base), out=out, workers=workers, device="cuda")
+        trees.append(_files(out))
+    assert trees[0] == trees[1]
+    with wfactor.open_family(tmp_path / "cuda1") as fam:
+        for m in members:
+            cfg = json.loads((FAMILY / m / "config.json").read_text())
+            rebuilt = tinylm.model_from_state_dict(cfg, fam.state_dict(m))
+            assert tinylm.worst_cosine(tinylm.load_model(FAMILY / m), rebuilt) >= 0.999, m
+    lossless = wfactor.Budget(lossless=True)
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"ll-{device}"
+        wfactor.factor(_args(members), base=str(FAMILY / base), out=out, budget=lossless, device=device)
+    assert _files(tmp_path / "ll-cpu") == _files(tmp_path / "ll-cuda")

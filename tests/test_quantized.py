@@ -394,7 +394,8 @@ def test_fp8_backbone_quarters_the_backbone_and_keeps_outputs(tmp_path: Path) ->
             theirs = ref.state_dict(m)
             for k in orig:
                 mine = sd[k].contiguous().view(torch.uint8).numpy().tobytes()
-                if np.ascontiguousarray(theirs[k]).tobytes() != mine:  # only lowrank products may differ in their last bits (spec 5.3)
+                # only lowrank products may differ in their last bits (spec 5.3)
+                if np.ascontiguousarray(theirs[k]).tobytes() != mine:
                     rec = f.records(m)[k]
                     assert any(t.codec == "lowrank" for t in rec.terms), (m, k)
     code, _out, err = invoke(
@@ -402,3 +403,70 @@ def test_fp8_backbone_quarters_the_backbone_and_keeps_outputs(tmp_path: Path) ->
         "--lossless", "-q",
     )  # fmt: skip
     assert code == 2 and err.startswith("error[input]:") and "--lossless" in err and err.count("\n") == 1, err
+
+
+def test_state_dict_dequantize_gives_float_weights(
+    qfam: dict[str, Path], factored: tuple[Path, wfactor.FactorReport]
+) -> None:
+    """``state_dict(name, dequantize=True)``: packed int4 weights and fp8 weights come back as float weights
+    under their float names, equal to compressed-tensors' own decompression; a float Llama built from the
+    base's config loads them (strict) and gives the logits transformers gives for the quantised checkpoint."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fam, _rep = factored
+    with wfactor.open_family(fam) as f:
+        deq = {n: f.state_dict(n, dequantize=True) for n in ("int4", "fp8")}
+    base = load_file(str(qfam["base"] / "model.safetensors"))
+    for n, sd in deq.items():
+        assert sorted(sd) == sorted(base), n  # the float model's own names, no scales or packed words
+        assert all(v.is_floating_point() and v.shape == base[k].shape for k, v in sd.items()), n
+    q = load_file(str(qfam["int4"] / "model.safetensors"))
+    stem = "model.layers.1.self_attn.o_proj."
+    w = base[stem + "weight"]
+    codes = unpack_from_int32(q[stem + "weight_packed"], 4, torch.Size(w.shape)).float()
+    want = (codes.reshape(w.shape[0], -1, 32) * q[stem + "weight_scale"][:, :, None]).reshape(w.shape)
+    assert torch.equal(deq["int4"][stem + "weight"], want)
+    cfg = AutoConfig.from_pretrained(qfam["base"])
+    for n in ("int4", "fp8"):
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        model.load_state_dict({k: v.float() for k, v in deq[n].items()}, strict=True)
+        ids = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            mine = model(input_ids=ids).logits.float()
+        assert torch.allclose(mine, qz.logits(qfam[n]), atol=1e-4, rtol=1e-4), n
+
+
+def test_attach_runs_quantised_members_dequantised(
+    qfam: dict[str, Path], factored: tuple[Path, wfactor.FactorReport]
+) -> None:
+    """``attach`` gives a float Llama (built from the base's config) a quantised member's weights,
+    dequantised: the logits transformers gives for the quantised checkpoint itself."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from wfactor.torch import attach
+
+    cfg = AutoConfig.from_pretrained(qfam["base"])
+    ids = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(7))
+    with wfactor.open_family(factored[0]) as f:
+        for n in ("int4", "fp8"):
+            model = attach(AutoModelForCausalLM.from_config(cfg).eval(), f, n)
+            with torch.no_grad():
+                mine = model(input_ids=ids).logits.float()
+            assert torch.allclose(mine, qz.logits(qfam[n]), atol=1e-4, rtol=1e-4), n
+
+
+def test_int8_int_quantized_members_are_predicted(qfam: dict[str, Path], tmp_path: Path) -> None:
+    """An int8 copy in compressed-tensors' int-quantized layout (int8 codes, no packing): requant records of
+    layout ``codes``, bit for bit, loading in transformers with the original's logits, for about its scales."""
+    int8 = qz.quantize_int8(qfam["base"], tmp_path / "int8")
+    rep = wfactor.factor([f"int8={int8}"], base=str(qfam["base"]), out=tmp_path / "fam")
+    m = rep.members[0]
+    assert m.quantization["format"] == "int-quantized" and m.codecs["requant"].tensors == 14
+    assert m.delta_bytes < 0.1 * (int8 / "model.safetensors").stat().st_size
+    with wfactor.open_family(tmp_path / "fam") as f:
+        assert all(r.terms[0].params["layout"] == "codes" for r in f.records("int8").values() if r.codec == "requant")
+        f.materialize("int8", tmp_path / "again")
+    again, orig = load_file(str(tmp_path / "again" / "model.safetensors")), load_file(str(int8 / "model.safetensors"))
+    assert sorted(again) == sorted(orig) and all(bitwise_equal(again[k], orig[k]) for k in orig)
+    assert torch.equal(qz.logits(tmp_path / "again"), qz.logits(int8))

@@ -215,6 +215,15 @@ max_rel_error_option = click.option(
     "memory on the serving GPU); members are planned as their change from the base on top of it, so they "
     "carry its fp8 rounding. Not with --lossless or quantised members. A version-4 family.",
 )
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    metavar="DEVICE",
+    help="Plan on this device: cpu, or cuda / cuda:N (SVDs, quantisation searches and error measurements on "
+    "the GPU). Bytes are reproducible per device type (same GPU model, torch and CUDA); lossless families are "
+    "the same on every device.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing family directory (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @quiet_option
@@ -235,6 +244,7 @@ def factor(
     max_shard_size: str | None,
     fast_load: bool,
     backbone_dtype: str,
+    device: str,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -280,6 +290,7 @@ def factor(
                 executor=executor,
                 ray_address=ray_address,
                 backbone_dtype=backbone_dtype,
+                device=device,
             )
         if as_json:
             emit_json(rep.to_json())

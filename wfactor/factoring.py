@@ -277,6 +277,7 @@ def write_delta(
     alignment: Alignment | None = None,
     workers: int = 1,
     executor: Any | None = None,
+    device: str = "cpu",
 ) -> tuple[list[Record], dict[str, int]]:
     """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes.
     ``alignment`` says which backbone tensor each member tensor is predicted from (None: the one of its name);
@@ -309,7 +310,7 @@ def write_delta(
         if tied is not None:
             return None
         option = options.get(key) if options else None
-        return plan_member_tensor(member, base, key, mapping.get(key), tensor_budget, option, fast_load, pos)
+        return plan_member_tensor(member, base, key, mapping.get(key), tensor_budget, option, fast_load, pos, device)
 
     try:
         job_list = jobs()
@@ -430,6 +431,7 @@ def _write_family(
     fast_load: bool = False,
     workers: int = 1,
     executor: Any | None = None,
+    device: str = "cpu",
 ) -> tuple[Manifest, list[MemberReport]]:
     """Write backbone, deltas and manifest into the (new, empty) directory ``tmp``. With ``max_shard_bytes``
     the backbone is sharded (spec 2.1, a version-2 family) when it does not fit in one shard; with
@@ -478,6 +480,7 @@ def _write_family(
             al,
             workers,
             executor,
+            device,
         )
         version = max(version, delta_version(records))
         entry, rep = member_entry(src, tmp, rel, records, sizes, budget, al.related, alignment=al)
@@ -556,6 +559,31 @@ _R = TypeVar("_R")
 
 
 
+def check_device(device: str, executor: str = "local") -> str:
+    """The planning device: ``cpu``, or ``cuda``/``cuda:N`` when torch sees that GPU (else a one-line error).
+    On CUDA, torch's deterministic algorithms are switched on (and cuBLAS given the fixed workspace that
+    needs), so that a GPU plans the same bytes every run."""
+    import re
+
+    if device == "cpu":
+        return device
+    if not re.fullmatch(r"cuda(:[0-9]+)?", device):
+        raise InputError(f"--device must be cpu, cuda or cuda:N, found {device!r}")
+    if executor != "local":
+        raise InputError("--device cuda plans on this machine's GPU: drop --executor ray (Ray workers plan on CPU)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        why = (
+            f"torch {torch.__version__} is a CPU-only build"
+            if torch.version.cuda is None
+            else f"torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s)"
+        )
+        raise InputError(f"--device {device}: no such CUDA device ({why}); plan on the CPU (--device cpu, the default)")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    return device
+
+
 def one_torch_thread() -> None:
     """In a worker thread: one torch (OpenMP) thread, as :func:`single_threaded` sets for the calling thread."""
     torch.set_num_threads(1)
@@ -596,6 +624,7 @@ def factor(
     executor: str = "local",
     ray_address: str | None = None,
     backbone_dtype: str = "keep",
+    device: str = "cpu",
 ) -> FactorReport:
     """Factor ``members`` (each ``[NAME=]PATH``) into a family directory ``out``.
 
@@ -635,10 +664,17 @@ def factor(
     float32's memory, half of bfloat16's. Each member is planned, within ``budget``, as its change from the
     base carried over onto that fp8 view, so rebuilt members carry the backbone's fp8 rounding (as an fp8
     checkpoint does) on top of the budget. Not with a lossless budget, quantised members or Ray.
+
+    ``device="cuda"`` (or ``"cuda:N"``) plans on that GPU: SVDs, quantisation searches and error measurements
+    run there, parts are encoded on the host. The bytes are the same for any number of workers and from run
+    to run on the same GPU model with the same torch and CUDA versions (deterministic algorithms are required,
+    :func:`check_device`); another device type (the CPU) rounds SVDs and products differently, so its lossy
+    records differ in their last bits. Lossless families are the same bytes on every device.
     """
     budget = budget or Budget()
     budget.validate()
     n_workers = resolve_workers(workers)
+    device = check_device(device, executor)
     if backbone_dtype not in ("keep", "fp8"):
         raise InputError(f"--backbone-dtype must be keep or fp8, found {backbone_dtype!r}")
     if backbone_dtype == "fp8" and (budget.lossless or executor != "local"):
@@ -730,7 +766,7 @@ def factor(
                     origin = dict(origin, backbone_dtype="fp8")
                 _man, reports = _write_family(
                     sources, written, tmp, budget, aligned, origin, progress, max_shard_bytes, fast_load, n_workers,
-                    remote,
+                    remote, device,
                 )  # fmt: skip
                 size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
                 results.append((size, k, tmp, reports, bsrc))

@@ -208,6 +208,7 @@ class Family(FamilyDir):
         copy: bool = False,
         component: str | None = None,
         resident: bool = True,
+        dequantize: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Member ``name`` rebuilt on ``device`` (the arithmetic runs there), with the member's own tensor
         names; ``dtype`` casts floating tensors. ``component`` (a pipeline member): only that component, names
@@ -219,7 +220,11 @@ class Family(FamilyDir):
         unless ``copy=True``. ``resident=False`` streams: each backbone tensor is read when needed (a mapping
         of the file on CPU) and nothing stays behind (unless the backbone is resident already). The member's
         decoded delta parts are kept in a byte-bounded LRU (``delta_cache``): with the backbone resident, making
-        a member ready moves only its delta's bytes, and a second call moves none."""
+        a member ready moves only its delta's bytes, and a second call moves none.
+
+        ``dequantize``: a quantised member (int4/int8 packed codes, fp8 weights) comes back with float weights
+        under their float names, (u - z) * s in the dtype of its scales, instead of the checkpoint's packed
+        tensors and scales (:func:`wfactor.quantized.dequantize_tensors`); other members are unchanged."""
         dev = torch.device(device)
         if resident:
             self.backbone(dev)
@@ -245,6 +250,11 @@ class Family(FamilyDir):
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
                 out[meta.name[len(prefix) :]] = t
+        if dequantize:
+            from .quantized import dequantize_tensors
+
+            local = {k[len(prefix) :]: r for k, r in records.items() if k.startswith(prefix)}
+            out = dequantize_tensors(out, local, prefix)
         return out
 
     @contextlib.contextmanager

@@ -597,11 +597,15 @@ def plan_member_tensor(
     option: str | None,
     fast_load: bool,
     pos: int,
+    device: str = "cpu",
 ) -> Planned:
     """One member tensor planned and encoded against its aligned backbone tensor ``bname`` (None: dense), its
     parts keyed by its record position ``pos``: the unit of work of every executor (threads here, Ray tasks
     in :mod:`wfactor.distributed`), so that every executor writes the same bytes."""
     target, base_t, carried = planning_pair(member, base, key, bname)
+    if device != "cpu":  # --device cuda: SVDs, searches and error measurements run there; stored parts come back
+        target = target.to(device)
+        base_t = base_t.to(device) if base_t is not None else None
     if carried is not None:  # a quantised backbone (--backbone-dtype fp8): its view is B / t, a rescale term
         planned = plan_tensor(key, target, bname, base_t, budget, option)
         planned = with_rescale(planned, carried) if planned.record.base is not None else planned

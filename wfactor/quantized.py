@@ -443,3 +443,49 @@ class Fp8Backbone(Source):
 
     def close(self) -> None:
         """The inner backbone is closed by whoever opened it."""
+
+
+def dequantize_tensors(
+    sd: dict[str, torch.Tensor], records: dict[str, Any], prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """A rebuilt quantised member's tensors with every weight the family predicted from its float base (a
+    ``requant`` record: packed int4/int8 codes; an F8 ``...weight`` with its ``...weight_scale``) replaced by
+    its float values under its float name (``...weight``), in the dtype of its scales: (u - z) * s, Q * s.
+    The scales, group indices, zero points and shapes those weights used are dropped. ``records``: the
+    member's records by the names of ``sd`` (which lack ``prefix``, a component's namespace, that the records'
+    references carry); weights stored as they are (not predicted) stay packed."""
+
+    def ref(full: object) -> str:
+        return str(full)[len(prefix) :] if str(full).startswith(prefix) else str(full)
+
+    out = dict(sd)
+    drop: set[str] = set()
+    for name, rec in records.items():
+        if name not in sd:
+            continue
+        if rec.terms and rec.terms[0].codec == "requant":
+            p = rec.terms[0].params
+            layout, bits, inputs = str(p["layout"]), int(p["bits"]), int(p["inputs"])
+            rows = rec.shape[1] if layout == "columns" else rec.shape[0]
+            scales = sd[ref(p["scales"])]
+            s = requant.scale_matrix(scales, rows, layout)
+            groups = sd[ref(p["groups"])] if p.get("groups") is not None else None
+            gidx = requant.group_index(inputs, int(p["group_size"]), groups, s.shape[1], s.device)
+            w = requant.dequantize(requant.unpack(sd[name], bits, inputs, layout), s, gidx, int(p["zero"]))
+            stem = name[: -len("qweight")] if name.endswith("qweight") else name.rsplit("weight", 1)[0]
+            del out[name]
+            out[stem + "weight"] = w.to(scales.dtype if scales.is_floating_point() else torch.float32)
+            drop |= {ref(p["scales"]), ref(p.get("groups")), stem + "weight_shape", stem + "qzeros"}
+            drop |= {stem + "weight_zero_point"}
+        elif rec.dtype in F8_DTYPES and name.endswith("weight") and name + "_scale" in sd:
+            scale = sd[name + "_scale"]
+            q = sd[name].to(torch.float32)
+            m = q.shape[0] if q.dim() else 1
+            s = scale.to(torch.float32).reshape(-1)
+            s = s.expand(m) if s.numel() == 1 else s
+            w = (q.reshape(m, -1) * s[:, None]).reshape(q.shape)
+            out[name] = w.to(scale.dtype if scale.dtype != torch.float32 else torch.float32)
+            drop.add(name + "_scale")
+    for k in drop:
+        out.pop(k, None)
+    return out

@@ -11,6 +11,7 @@ the backbone's own cached tensors there, so they stay shared; the rest are mater
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,13 @@ import torch.nn as nn
 from ..codecs import quant
 from ..errors import CodecError, InputError
 from ..family import Family
+from ..format.constants import F8_DTYPES
 from ..format.delta import DeltaFile
+from ..format.manifest import TensorMeta
 from ..format.parts import read_parts, read_planes
 from ..format.records import Record
 from ..loader import to_device
-from ..tensors import TORCH_DTYPES
+from ..tensors import TORCH_DTYPES, format_dtype
 from .layers import FactoredEmbedding, FactoredLinear, unpack_codes
 
 
@@ -184,7 +187,14 @@ def attach(
                 return dst + local[len(src) :]
         return local
 
-    metas = {to_module(t.name[len(ns) :]): t for t in entry.tensors if t.name.startswith(ns)}
+    # a quantised member (packed int4/int8 codes, fp8 weights) runs materialised: its weights dequantised into
+    # the float module built from its config (its float names and shapes), nothing kept factored
+    deq = None
+    if _quantised(family.records(name)):
+        deq = family.state_dict(name, dev, component=component, dequantize=True)
+        metas = {to_module(k): TensorMeta(ns + k, tuple(v.shape), format_dtype(v.dtype)) for k, v in deq.items()}
+    else:
+        metas = {to_module(t.name[len(ns) :]): t for t in entry.tensors if t.name.startswith(ns)}
     member_of = {mod_name: meta.name[len(ns) :] for mod_name, meta in metas.items()}
     where = f"{family.root}: member {name!r}" + (f", component {component!r}" if component else "")
 
@@ -221,9 +231,37 @@ def attach(
     candidates: dict[str, str] = {}  # weight tensor name -> module path
     for prefix, mod in modules:
         wname = _join(prefix, "weight")
-        if _factorable(mod) and wname in metas and len(aliases[id(mod.weight)]) == 1:
+        if deq is None and _factorable(mod) and wname in metas and len(aliases[id(mod.weight)]) == 1:
             candidates[wname] = prefix
     family.backbone(dev)  # fill the cache first, so identical tensors are the cached ones
+    loaded: dict[str, torch.Tensor] = {}
+    factors: dict[str, LowRankFactors] = {}
+    if deq is not None:
+        loaded = {to_module(k): v for k, v in deq.items()}
+    else:
+        loaded, factors = _load(family, name, dev, ns, component, candidates, member_of, to_module)
+    return _install(module, params, buffers, aliases, loaded, factors, candidates, metas, modules, dev, where, packed)
+
+
+def _quantised(records: dict[str, Record]) -> bool:
+    """Whether a member holds weights predicted as quantised codes (requant records, F8 weights with scales)."""
+    return any(
+        (r.terms and r.terms[0].codec == "requant") or (r.dtype in F8_DTYPES and n + "_scale" in records)
+        for n, r in records.items()
+    )
+
+
+def _load(
+    family: Family,
+    name: str,
+    dev: torch.device,
+    ns: str,
+    component: str | None,
+    candidates: dict[str, str],
+    member_of: dict[str, str],
+    to_module: Callable[[str], str],
+) -> tuple[dict[str, torch.Tensor], dict[str, LowRankFactors]]:
+    """The member's tensors for the module, and the factors of the layers that stay factored."""
     loaded: dict[str, torch.Tensor] = {}
     with family.open_delta(name) as delta:  # one digest check for both passes
         delta.file.prefetch()
@@ -234,7 +272,24 @@ def attach(
         skip = {member_of[k] for k in factors}
         for tname, t in family.iter_open(delta, name, dev, component=component, skip=skip):
             loaded[to_module(tname)] = t
+    return loaded, factors
 
+
+def _install(
+    module: nn.Module,
+    params: dict[str, tuple[nn.Module, str, nn.Parameter]],
+    buffers: dict[str, tuple[nn.Module, str, torch.Tensor]],
+    aliases: dict[int, list[str]],
+    loaded: dict[str, torch.Tensor],
+    factors: dict[str, LowRankFactors],
+    candidates: dict[str, str],
+    metas: dict[str, TensorMeta],
+    modules: list[tuple[str, nn.Module]],
+    dev: torch.device,
+    where: str,
+    packed: bool,
+) -> nn.Module:
+    """Put ``loaded`` into the module's parameters and buffers, and swap in the factored layers."""
     new_params: dict[int, nn.Parameter] = {}
     for pname, (owner, local, p) in params.items():
         if pname in factors:
