@@ -2,15 +2,16 @@
 lossy throughput with 1 and 2 workers, factoring without --base against with it, byte-identical families for
 1, 2 and 4 workers, and peak memory, all in one run.
 
-The family is generated here (bench/work/scale/, never committed): a base of 48 float32 matrices of
-1024 x 1024 (192 MB; Gaussian, scaled like trained weights), and four members of the same shapes: a full
+The family is generated here (bench/work/scale/, never committed): a base of 56 float32 matrices of
+1024 x 1024 (235 MB; Gaussian, scaled like trained weights), and four members of the same shapes: a full
 fine-tune (1.5% Gaussian drift on every weight), a merged LoRA (rank 8 on every matrix), a fine-tune of the
-top half (the bottom half bit-identical) and a bf16 copy of the full fine-tune. 0.9 GB side by side.
+top half (the bottom half bit-identical) and a bf16 copy of the full fine-tune. 1.06 GB side by side.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, ROOT, fmt_bytes, machine_info, machine_line, md_table, run_measured, write_results
 
 WORK = BENCH / "work" / "scale"
-TENSORS, DIM = 48, 1024
+TENSORS, DIM = 56, 1024
+HEAP_SLACK = 16 << 20  # wfactor.executor.HEAP_BUFFER_MAX: buffers below it are reused from the heap
 WFACTOR = [sys.executable, "-m", "wfactor"]
 
 
@@ -97,6 +99,9 @@ def main() -> None:
 
     record("lossless, 2 workers", [*members, *base, "--lossless", "--workers", "2"], raw)
     record("lossless, 1 worker", [*members, *base, "--lossless", "--workers", "1"], raw)
+    has_ray = importlib.util.find_spec("ray") is not None
+    if has_ray:  # a local Ray instance (the test extra installs ray): the same bytes as the local run
+        record("lossless, `--executor ray` (local instance)", [*members, *base, "--lossless", "--executor", "ray"], raw)
     record("lossy default, 1 worker", [*members, *base, "--workers", "1"], raw)
     record("lossy default, 2 workers", [*members, *base, "--workers", "2"], raw)
     record("lossy default, 4 workers", [*members, *base, "--workers", "4"], raw)
@@ -114,6 +119,18 @@ def main() -> None:
         / runs["lossy, --base, base also a member, 2 workers"]["seconds"]
     )
     lossless_vs_zstd = (raw / runs["lossless, 2 workers"]["seconds"]) / (raw / zstd_s)
+    ray_run = runs.get("lossless, `--executor ray` (local instance)")
+    same_ray = ray_run is not None and ray_run["digest"] == runs["lossless, 2 workers"]["digest"]
+    # the documented bound (docs/scale.md): each extra worker adds at most 12 x the largest tensor (its
+    # tensor, base, delta and the planner's temporaries) plus one heap buffer size of slack
+    largest = DIM * DIM * 4
+    bound = 12 * largest + HEAP_SLACK
+    per_worker = {
+        n: (runs[f"lossy default, {n} workers"]["peak_rss"] - one_peak) / (n - 1)
+        for n in (2, 4)
+        for one_peak in [runs["lossy default, 1 worker"]["peak_rss"]]
+    }
+    within = all(v <= bound for v in per_worker.values())
     rows = [["`zstd -3 -T0` (the files, start-up included)", f"{zstd_s:.1f}", f"{raw / zstd_s / 1e6:.0f}", "", f"{zstd_bytes / raw:.3f}"]]
     for name, r in runs.items():
         rows.append([name, f"{r['seconds']:.1f}", f"{r['mb_s']:.0f}", fmt_bytes(r["peak_rss"]), f"{r['bytes'] / raw:.3f}"])
@@ -140,9 +157,13 @@ def main() -> None:
         f"- Without `--base` (candidates estimated from a sample, factored once) against with it: **{nb_ratio:.2f}x** "
         "the time (goal ≤ 1.3x).",
         f"- Byte-identical families for 1, 2 and 4 workers: **{'yes' if same_workers else 'NO'}** (lossy), "
-        f"{'yes' if same_lossless else 'NO'} (lossless, 1 vs 2).",
-        "- Memory: every worker holds the tensor it plans, its base tensor and the planner's temporaries (a few "
-        "times one tensor); the peak RSS column shows the growth from 1 to 2 and 4 workers.",
+        f"{'yes' if same_lossless else 'NO'} (lossless, 1 vs 2); local vs Ray (lossless): "
+        + ("**yes**" if same_ray else "NO" if ray_run is not None else "not run (ray not installed)")
+        + ".",
+        f"- Peak memory per extra worker (lossy): {fmt_bytes(per_worker[2])} from 1 to 2 workers, "
+        f"{fmt_bytes(per_worker[4])} each from 1 to 4; the documented bound (docs/scale.md: 12 x the largest tensor, "
+        f"{fmt_bytes(largest)} here, plus {fmt_bytes(HEAP_SLACK)} of heap) is {fmt_bytes(bound)}: "
+        + ("**within**." if within else "**exceeded**."),
     ]
     data = {
         "raw_bytes": raw,
@@ -153,6 +174,9 @@ def main() -> None:
         "nobase_over_base": nb_ratio,
         "lossless_vs_zstd": lossless_vs_zstd,
         "identical_across_workers": same_workers,
+        "identical_local_ray": same_ray,
+        "per_worker_bytes": per_worker,
+        "per_worker_bound": bound,
     }
     write_results("scale", "\n".join(md), data)
     shutil.rmtree(WORK / "fam", ignore_errors=True)

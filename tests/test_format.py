@@ -308,3 +308,23 @@ def test_every_error_code_is_listed_in_the_spec() -> None:
     section = spec[spec.index("## 10. Error codes") : spec.index("## 11.")]
     missing = [code for code in ERROR_CODES if code != "error" and f"| `{code}` |" not in section]
     assert not missing, missing
+
+
+def test_a_written_file_is_hashed_as_written_and_rehashed_once_changed(tmp_path: Path) -> None:
+    """Writers hash what they write (no second read for the manifest's digest); a file changed afterwards, even
+    rewritten with the same size, is hashed again from disk by FileRef.of."""
+    import time
+
+    from wfactor.format.manifest import FileRef, sha256_file
+    from wfactor.format.safetensors_io import Entry, write_streaming, written_digest
+
+    path = tmp_path / "t.safetensors"
+    data = bytes(range(256)) * 4096
+    digest = write_streaming(path, [Entry("x", "U8", (len(data),))], lambda e: data, {"k": "v"})
+    assert digest == sha256_file(path) == written_digest(path) == FileRef.of(tmp_path, "t.safetensors").sha256
+    time.sleep(0.01)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))  # same size, same inode, new content
+    assert written_digest(path) is None
+    assert FileRef.of(tmp_path, "t.safetensors").sha256 == sha256_file(path) != digest

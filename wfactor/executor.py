@@ -68,20 +68,24 @@ def ordered_map(
 
 
 def bounded_heap() -> None:
-    """Give freed tensor memory back to the system at once (Linux, glibc). glibc raises its mmap threshold
-    after each large free, up to 32 MiB, so that tensors below that size come from the heap and stay
-    resident after they are freed: streaming models tensor by tensor, the anonymous memory then grows with
-    the largest tensors seen instead of staying at a few of them. A fixed threshold of 1 MiB keeps every
-    tensor-sized buffer in its own mapping. Elsewhere this does nothing."""
+    """Keep freed tensor memory bounded (Linux, glibc). glibc raises its mmap threshold after each large
+    free, up to 32 MiB, so that buffers below the largest size freed so far come from the heap and stay
+    there: streaming models tensor by tensor, anonymous memory would grow with the largest tensors seen.
+    A fixed threshold of HEAP_BUFFER_MAX (16 MiB) gives every larger buffer its own mapping, returned to the
+    system when freed, while the many smaller per-tensor buffers (the tensors, XOR residuals, byte planes and
+    read chunks of models with matrices up to 16 MiB) are reused from the heap instead of being mapped and
+    faulted in afresh each time (a 1 MiB threshold made lossless factoring spend half its time in page
+    faults). Elsewhere this does nothing."""
     global _HEAP_BOUNDED
     if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
         return
     _HEAP_BOUNDED = True
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
+        libc.mallopt(-3, HEAP_BUFFER_MAX)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
     except (OSError, AttributeError):
         pass
 
 
+HEAP_BUFFER_MAX = 16 << 20
 _HEAP_BOUNDED = False

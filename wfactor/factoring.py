@@ -500,10 +500,21 @@ def _write_family(
 
 
 def alignments(
-    sources: Sequence[Source], backbone: Source, rules: Sequence[Rule] = (), infer: bool = True
+    sources: Sequence[Source],
+    backbone: Source,
+    rules: Sequence[Rule] = (),
+    infer: bool = True,
+    workers: int = 1,
 ) -> dict[str, Alignment]:
     """Each member aligned to ``backbone`` (:mod:`wfactor.align`; the verdict is `wfactor analyze`'s rule, one
-    rule for both commands, spec/ANALYZE.md). The backbone itself, when it is a member, aligns by its names."""
+    rule for both commands, spec/ANALYZE.md). The backbone itself, when it is a member, aligns by its names.
+    With ``infer``, every tensor's content digest (what content alignment and tied weights compare) is
+    computed first on ``workers`` threads (SHA-256 releases the GIL)."""
+    if infer and workers > 1:
+        models = [backbone] + [s for s in sources if s is not backbone]
+        todo = [(m, k) for m in models for k in m.keys() if m.info(k).nbytes]
+        for _ in ordered_map(lambda job: job[0].content(job[1]), todo, workers):
+            pass
     index = BackboneIndex(backbone, content=infer)
     return {
         s.name: align(
@@ -644,7 +655,7 @@ def factor(
     ``max_shard_size`` (bytes, or "2GB", "1.5GiB") splits a backbone larger than that into shards (a
     version-2 family, spec/FORMAT.md section 2.1); without it, or when it fits, the backbone is one file.
 
-    Side effect on Linux: glibc's mmap threshold is fixed at 1 MiB for the rest of the process
+    Side effect on Linux: glibc's mmap threshold is fixed at 16 MiB for the rest of the process
     (:func:`bounded_heap`), which keeps memory bounded while streaming: later large allocations of the
     process are fresh mappings, returned to the system when freed.
 
@@ -722,15 +733,15 @@ def factor(
             if bases:
                 base_src, base_origin = open_bases(bases)
                 opened.append(base_src)
-                candidates.append((base_src, base_origin, alignments(sources, base_src, rules, infer)))
+                candidates.append((base_src, base_origin, alignments(sources, base_src, rules, infer, n_workers)))
             else:
                 dist = pairwise(sources)
                 everyone = list(range(len(sources)))
                 center = medoid(dist, everyone, widest(sources, everyone))
-                first = _unrelated(alignments(sources, sources[center], rules, infer))
+                first = _unrelated(alignments(sources, sources[center], rules, infer, n_workers))
                 related = [i for i in everyone if sources[i].name not in first]
                 center = medoid(dist, related, widest(sources, related))
-                aligned = alignments(sources, sources[center], rules, infer)
+                aligned = alignments(sources, sources[center], rules, infer, n_workers)
                 unrelated = _unrelated(aligned)
                 related = [i for i in everyone if sources[i].name not in unrelated]
                 med = sources[center]
@@ -740,7 +751,7 @@ def factor(
                     cons = open_source(str(work / "consensus.safetensors"), name="consensus")
                     opened.append(cons)
                     origin = {"kind": "consensus", "members": [sources[i].name for i in related]}
-                    candidates.append((cons, origin, alignments(sources, cons, rules, infer)))
+                    candidates.append((cons, origin, alignments(sources, cons, rules, infer, n_workers)))
             estimated: dict[str, int] = {}
             if len(candidates) > 1 and not exhaustive:
                 # estimate each candidate's family from a sample of tensors, then factor only the smallest

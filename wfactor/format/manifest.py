@@ -26,7 +26,7 @@ from .constants import (
     SHARDED_FORMAT_VERSION,
 )
 from .paths import check_relpath
-from .safetensors_io import check_name, check_shape, loads_strict
+from .safetensors_io import check_name, check_shape, loads_strict, written_digest
 from .stamps import open_file_matches
 
 
@@ -70,8 +70,11 @@ class FileRef:
 
     @classmethod
     def of(cls, root: Path, rel: str) -> FileRef:
+        """The reference to ``root/rel``: its digest as this process wrote it (hashed while written, if the
+        file is unchanged since), else read and hashed now."""
         full = root / rel
-        return cls(rel, sha256_file(full), full.stat().st_size)
+        digest = written_digest(full) or sha256_file(full)
+        return cls(rel, digest, full.stat().st_size)
 
     def check_size(self, root: Path) -> Path:
         full = resolve_inside(root, self.path, MANIFEST_NAME)

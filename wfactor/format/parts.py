@@ -88,6 +88,7 @@ def encode_part(
 
 
 COMPRESS_CHUNK = 4 << 20
+PLANES_WHOLE = 256 << 20  # up to this size a tensor's byte planes are made in one copy; beyond, plane by plane
 
 
 def compress_streaming(arr: np.ndarray, planes: int, level: int = ZSTD_LEVEL) -> bytes:
@@ -100,6 +101,13 @@ def compress_streaming(arr: np.ndarray, planes: int, level: int = ZSTD_LEVEL) ->
     if planes <= 1:
         for i in range(0, flat.size, COMPRESS_CHUNK):
             out.append(cobj.compress(flat[i : i + COMPRESS_CHUNK].tobytes()))
+    elif flat.size <= PLANES_WHOLE:
+        # one transposing copy of the tensor (planes contiguous), fed to zstd without further copies: the
+        # same frame as the chunked gather below (a zstd frame does not depend on how its input is fed)
+        transposed = np.ascontiguousarray(flat.reshape(-1, planes).T).reshape(-1)
+        view = transposed.data
+        for i in range(0, transposed.size, COMPRESS_CHUNK):
+            out.append(cobj.compress(view[i : i + COMPRESS_CHUNK]))
     else:
         grid = flat.reshape(-1, planes)
         rows = max(1, COMPRESS_CHUNK // planes)

@@ -7,6 +7,7 @@ spec/FORMAT.md section 7 are enforced in one place, before anything is allocated
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import mmap
@@ -14,6 +15,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -331,26 +333,89 @@ def header_bytes(entries: list[Entry], metadata: dict[str, str] | None) -> bytes
     return struct.pack("<Q", len(raw)) + raw
 
 
+_WRITTEN: dict[str, tuple[tuple[int, int, int, int, int], str]] = {}  # path -> (its stat identity, SHA-256)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def note_written(path: Path, fh: Any, digest: str) -> None:
+    """Remember the SHA-256 of a file this process just wrote, keyed by its stat identity (device, inode,
+    size, mtime, ctime: any later write, rename or copy changes it), so that the manifest entry for it
+    (:meth:`wfactor.format.manifest.FileRef.of`) need not read it again."""
+    _WRITTEN[str(Path(path).resolve())] = (_identity(os.fstat(fh.fileno())), digest)
+
+
+def written_digest(path: Path) -> str | None:
+    """The SHA-256 :func:`note_written` recorded for ``path``, if the file is still exactly that file."""
+    got = _WRITTEN.get(str(Path(path).resolve()))
+    if got is None:
+        return None
+    try:
+        same = _identity(os.stat(path)) == got[0]
+    except OSError:
+        return None
+    return got[1] if same else None
+
+
+class HashingWriter:
+    """A file being written whose SHA-256 is computed from the bytes written (no second read of the file):
+    chunk k is hashed on a second thread while chunk k+1 is written (both release the GIL)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: Future[None] | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._pending is not None:
+            self._pending.result()
+        self.fh.write(data)
+        self.size += len(data)
+        self._pending = self._pool.submit(self.hasher.update, data)
+
+    def hexdigest(self) -> str:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        self._pool.shutdown(wait=True)
+        return self.hasher.hexdigest()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 def write_streaming(
     path: Path,
     entries: list[Entry],
     produce: Callable[[Entry], bytes | memoryview],
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
-) -> None:
-    """Write a safetensors file whose shapes are known up front, asking ``produce`` for one tensor at a time."""
+) -> str:
+    """Write a safetensors file whose shapes are known up front, asking ``produce`` for one tensor at a time;
+    returns the file's SHA-256 (hashed as it is written)."""
     ordered = layout(entries)
     with open(path, "wb") as fh:
-        fh.write(header_bytes(ordered, metadata))
-        for e in ordered:
-            data = produce(e)
-            if len(data) != e.nbytes:
-                raise AssertionError(f"{e.name}: produced {len(data)} bytes, expected {e.nbytes}")
-            fh.write(data)
-            if on_bytes:
-                on_bytes(len(data))
+        out = HashingWriter(fh)
+        try:
+            out.write(header_bytes(ordered, metadata))
+            for e in ordered:
+                data = produce(e)
+                if len(data) != e.nbytes:
+                    raise AssertionError(f"{e.name}: produced {len(data)} bytes, expected {e.nbytes}")
+                out.write(data)
+                if on_bytes:
+                    on_bytes(len(data))
+            digest = out.hexdigest()
+        finally:
+            out.close()
         fh.flush()
         os.fsync(fh.fileno())
+        note_written(path, fh, digest)
+    return digest
 
 
 class SpoolWriter:
@@ -375,21 +440,29 @@ class SpoolWriter:
     def __iter__(self) -> Iterator[Entry]:
         return (e for e, _ in self._where.values())
 
-    def finish(self, metadata: dict[str, str] | None) -> None:
+    def finish(self, metadata: dict[str, str] | None) -> str:
+        """Write the final file (header, then the spooled tensors in layout order); returns its SHA-256."""
         ordered = layout(e for e, _ in self._where.values())
         self._spool.flush()
         with open(self.path, "wb") as fh:
-            fh.write(header_bytes(ordered, metadata))
-            for e in ordered:
-                self._spool.seek(self._where[e.name][1])
-                remaining = e.nbytes
-                while remaining:
-                    chunk = self._spool.read(min(remaining, 16 << 20))
-                    fh.write(chunk)
-                    remaining -= len(chunk)
+            out = HashingWriter(fh)
+            try:
+                out.write(header_bytes(ordered, metadata))
+                for e in ordered:
+                    self._spool.seek(self._where[e.name][1])
+                    remaining = e.nbytes
+                    while remaining:
+                        chunk = self._spool.read(min(remaining, 8 << 20))
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                digest = out.hexdigest()
+            finally:
+                out.close()
             fh.flush()
             os.fsync(fh.fileno())
+            note_written(self.path, fh, digest)
         self._spool.close()
+        return digest
 
     def abort(self) -> None:
         self._spool.close()
