@@ -470,3 +470,40 @@ def test_int8_int_quantized_members_are_predicted(qfam: dict[str, Path], tmp_pat
     again, orig = load_file(str(tmp_path / "again" / "model.safetensors")), load_file(str(int8 / "model.safetensors"))
     assert sorted(again) == sorted(orig) and all(bitwise_equal(again[k], orig[k]) for k in orig)
     assert torch.equal(qz.logits(tmp_path / "again"), qz.logits(int8))
+
+
+def test_gptq_members_dequantise_to_the_checkpoints_own_weights(
+    qfam: dict[str, Path], tmp_path: Path
+) -> None:
+    """A GPTQ-made member (no GPTQ kernel runs here to load it in transformers): its dequantised weights from
+    the family are the checkpoint's own, (q - z) * s unpacked independently here, so a float Llama given
+    either gives the same logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rep = wfactor.factor([f"g={qfam['gptq']}"], base=str(qfam["base"]), out=tmp_path / "fam")
+    assert rep.members[0].quantization["predicted_from_backbone"] is True
+    with wfactor.open_family(tmp_path / "fam") as f:
+        deq = f.state_dict("g", dequantize=True)
+    q = load_file(str(qfam["gptq"] / "model.safetensors"))
+    own = {}
+    for k, v in q.items():
+        if k.endswith("qweight"):
+            stem = k[: -len("qweight")]
+            words = v.to(torch.int64) & 0xFFFFFFFF  # [in / 8, out]
+            codes = torch.stack([(words >> (4 * j)) & 15 for j in range(8)], dim=1).reshape(-1, v.shape[1])
+            scales = q[stem + "scales"].float()[q[stem + "g_idx"].long()]  # [in, out]
+            own[stem + "weight"] = ((codes.float() - 8) * scales).t().contiguous().to(torch.float16)
+        elif not k.endswith(("qzeros", "scales", "g_idx")):
+            own[k] = v
+    assert sorted(own) == sorted(deq)
+    for k in own:
+        assert torch.allclose(deq[k].float(), own[k].float(), rtol=0, atol=0), k
+    cfg = AutoConfig.from_pretrained(qfam["base"])
+    ids = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(7))
+    outs = []
+    for sd in (deq, own):
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+        with torch.no_grad():
+            outs.append(model(input_ids=ids).logits)
+    assert torch.equal(outs[0], outs[1])

@@ -67,22 +67,28 @@ def ordered_map(
                 f.cancel()
 
 
-def bounded_heap() -> None:
+def bounded_heap(streaming: bool = False) -> None:
     """Keep freed tensor memory bounded (Linux, glibc). glibc raises its mmap threshold after each large
     free, up to 32 MiB, so that buffers below the largest size freed so far come from the heap and stay
     there: streaming models tensor by tensor, anonymous memory would grow with the largest tensors seen.
-    A fixed threshold of HEAP_BUFFER_MAX (16 MiB) gives every larger buffer its own mapping, returned to the
-    system when freed, while the many smaller per-tensor buffers (the tensors, XOR residuals, byte planes and
-    read chunks of models with matrices up to 16 MiB) are reused from the heap instead of being mapped and
-    faulted in afresh each time (a 1 MiB threshold made lossless factoring spend half its time in page
-    faults). Elsewhere this does nothing."""
+    A fixed threshold gives every larger buffer its own mapping, returned to the system when freed:
+
+    - 1 MiB (the default, lossy planning): the planner's many temporaries of every size (deltas, SVD
+      workspaces, codes) never pile up in the heaps of the worker threads;
+    - ``streaming`` (lossless factoring), HEAP_BUFFER_MAX = 16 MiB: its few tensor-sized buffers (tensors,
+      XOR residuals, byte planes, read chunks) are reused from the heap instead of being mapped and faulted in
+      afresh for every tensor, which made lossless factoring spend half its time in page faults.
+
+    The first call of a process decides (glibc cannot restore its dynamic threshold). Elsewhere this does
+    nothing."""
     global _HEAP_BOUNDED
     if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
         return
     _HEAP_BOUNDED = True
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, HEAP_BUFFER_MAX)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
+        # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
+        libc.mallopt(-3, HEAP_BUFFER_MAX if streaming else 1 << 20)
     except (OSError, AttributeError):
         pass
 

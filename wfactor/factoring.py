@@ -607,7 +607,8 @@ def single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(fn)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        bounded_heap()
+        budget = next((a for a in (*args, *kwargs.values()) if isinstance(a, Budget)), None)
+        bounded_heap(streaming=budget is not None and budget.lossless)
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -655,9 +656,9 @@ def factor(
     ``max_shard_size`` (bytes, or "2GB", "1.5GiB") splits a backbone larger than that into shards (a
     version-2 family, spec/FORMAT.md section 2.1); without it, or when it fits, the backbone is one file.
 
-    Side effect on Linux: glibc's mmap threshold is fixed at 16 MiB for the rest of the process
-    (:func:`bounded_heap`), which keeps memory bounded while streaming: later large allocations of the
-    process are fresh mappings, returned to the system when freed.
+    Side effect on Linux: glibc's mmap threshold is fixed for the rest of the process, at 1 MiB (16 MiB by a
+    first factoring that is lossless; :func:`bounded_heap`), which keeps memory bounded while streaming: later
+    allocations above it are fresh mappings, returned to the system when freed.
 
     ``fast_load``: k-bit codes are stored as bit planes rather than zstd frames (a version-3 family,
     spec/FORMAT.md section 4.3): a loader uses them without decoding (``wfactor.torch.attach`` keeps them as
