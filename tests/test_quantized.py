@@ -507,3 +507,20 @@ def test_gptq_members_dequantise_to_the_checkpoints_own_weights(
         with torch.no_grad():
             outs.append(model(input_ids=ids).logits)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_quantised_members_and_fp8_backbones_are_deterministic(qfam: dict[str, Path], tmp_path: Path) -> None:
+    """requant records (pack-quantized and GPTQ members) and an fp8 backbone: the same bytes for 1 and 2
+    workers, manifest included."""
+    def tree(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    quantised = [f"int4={qfam['int4']}", f"gptq={qfam['gptq']}"]
+    floats = [f"ft={qfam['ft']}"]
+    for label, args, dtype in (("q", quantised, "keep"), ("f8", floats, "fp8")):
+        trees = []
+        for workers in (1, 2):
+            out = tmp_path / f"{label}{workers}"
+            wfactor.factor(args, base=str(qfam["base"]), out=out, workers=workers, backbone_dtype=dtype)
+            trees.append(tree(out))
+        assert trees[0] == trees[1], label
