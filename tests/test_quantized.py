@@ -403,6 +403,8 @@ def test_fp8_backbone_quarters_the_backbone_and_keeps_outputs(tmp_path: Path) ->
         "--lossless", "-q",
     )  # fmt: skip
     assert code == 2 and err.startswith("error[input]:") and "--lossless" in err and err.count("\n") == 1, err
+    code, _out, err = invoke("add", str(tmp_path / "fp8"), f"top={FAMILY / 'top_ft'}", "-q")
+    assert code == 2 and err.startswith("error[input]:") and "fp8" in err and err.count("\n") == 1, err
 
 
 def test_state_dict_dequantize_gives_float_weights(

@@ -141,6 +141,11 @@ def add(
             fam = Family(root)
             opened.append(fam)
             man = fam.manifest
+            if man.backbone_origin.get("backbone_dtype") == "fp8":
+                raise InputError(
+                    f"{root}: its backbone is stored fp8 (factor --backbone-dtype fp8), whose per-row scales live in "
+                    "the members' records: add cannot plan a new member on it; factor the family again with it"
+                )
             fam.verify_backbone()  # the delta is tied to the backbone's exact bytes: check them first
             backbone = Source("backbone", root, fam.backbone_files, [])
             opened.append(backbone)
