@@ -12,10 +12,12 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import numpy as np
 import torch
 
 from .align import VERDICT_SAMPLE, Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
@@ -278,6 +280,8 @@ def write_delta(
     workers: int = 1,
     executor: Any | None = None,
     device: str = "cpu",
+    writer: ThreadPoolExecutor | None = None,
+    pending: list[Future[str]] | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
     """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes.
     ``alignment`` says which backbone tensor each member tensor is predicted from (None: the one of its name);
@@ -285,7 +289,9 @@ def write_delta(
     ``options`` (from :func:`allocate_family`) fixes each tensor's option instead of the per-tensor budget.
     ``fast_load``: k-bit codes are stored as bit planes (spec 4.3, a version-3 delta), used as they are by a
     loader, instead of zstd frames that must be decoded (which are ~1-25% smaller). ``workers``: tensors
-    planned at once (:func:`wfactor.executor.ordered_map`); the bytes written are the same for any number."""
+    planned at once (:func:`wfactor.executor.ordered_map`); the bytes written are the same for any number.
+    ``writer`` (with ``pending``): the final file is written from the spool on that thread while the caller
+    goes on (planning the next member); its future goes into ``pending``, and the file exists once it is done."""
     spool = SpoolWriter(path)
     records: list[Record] = []
     sizes: dict[str, int] = {}
@@ -335,7 +341,8 @@ def write_delta(
                 for spec in planned.record.part_specs():
                     arr = planned.stored[spec.key]
                     # compressed parts are stored as one 1-D U8 tensor holding the zstd frame (spec 4.3)
-                    spool.add(spec.key, spec.dtype if spec.encoding == "raw" else "U8", arr.shape, arr.tobytes())
+                    data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data  # no copy
+                    spool.add(spec.key, spec.dtype if spec.encoding == "raw" else "U8", arr.shape, data)
                     sizes[spec.key] = int(arr.nbytes)
                 records.append(planned.record)
                 by_name[key] = planned.record
@@ -349,7 +356,18 @@ def write_delta(
             META_BACKBONE: backbone_sha,
             META_RECORDS: _records_json(records),
         }
-        spool.finish(meta)
+        if writer is not None and pending is not None:
+
+            def finish() -> str:
+                try:
+                    return spool.finish(meta)
+                except BaseException:
+                    spool.abort()
+                    raise
+
+            pending.append(writer.submit(finish))
+        else:
+            spool.finish(meta)
     except BaseException:
         spool.abort()
         raise
@@ -464,24 +482,38 @@ def _write_family(
     reports: list[MemberReport] = []
     # raised to 3 by a delta with bit planes, to 4 by low-precision tensors anywhere
     version = backbone_version(base_src, SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION)
-    for src in sources:
-        rel = f"{DELTAS_DIR}/{src.name}.safetensors"
-        # what does not align is stored dense: all of an unrelated member (stored whole, compressed)
+    written: list[tuple[Source, str, list[Record], dict[str, int]]] = []
+    pending: list[Future[str]] = []
+    # each delta's file is written from its spool on one writer thread while the next member is planned
+    with ThreadPoolExecutor(1) as writer:
+        try:
+            for src in sources:
+                rel = f"{DELTAS_DIR}/{src.name}.safetensors"
+                # what does not align is stored dense: all of an unrelated member (stored whole, compressed)
+                records, sizes = write_delta(
+                    src,
+                    base_src,
+                    backbone.sha256,
+                    tmp / rel,
+                    budget,
+                    progress,
+                    options.get(src.name),
+                    fast_load,
+                    alignments[src.name],
+                    workers,
+                    executor,
+                    device,
+                    writer,
+                    pending,
+                )
+                written.append((src, rel, records, sizes))
+        finally:
+            for fut in pending:  # every file done (or failed) before this returns or raises
+                fut.exception()
+        for fut in pending:
+            fut.result()
+    for src, rel, records, sizes in written:
         al = alignments[src.name]
-        records, sizes = write_delta(
-            src,
-            base_src,
-            backbone.sha256,
-            tmp / rel,
-            budget,
-            progress,
-            options.get(src.name),
-            fast_load,
-            al,
-            workers,
-            executor,
-            device,
-        )
         version = max(version, delta_version(records))
         entry, rep = member_entry(src, tmp, rel, records, sizes, budget, al.related, alignment=al)
         entries.append(entry)
