@@ -232,19 +232,21 @@ class Family(FamilyDir):
         out: dict[str, torch.Tensor] = {}
         with self._delta_parts(name, dev) as (records, part, delta_path):
 
-            def others(other: str) -> torch.Tensor:  # a requant record's scales, rebuilt again (small)
-                o = records[other]
-                o = records[o.same_as] if o.same_as is not None else o
-                ob = self.base_tensor(o.base, dev) if o.base is not None else None
-                return self._reconstruct(o, ob, part, dev, delta_path, other)
+            def rebuilt(tensor: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+                """(tensor ``tensor`` of the member, its base); tied weights from the record they are tied to,
+                a requant record's scales rebuilt by name (small)."""
+                rec = records[tensor]
+                src = records[rec.same_as] if rec.same_as is not None else rec
+                base = self.base_tensor(src.base, dev) if src.base is not None else None
+                return self._reconstruct(src, base, part, dev, delta_path, tensor, tensor_of), base
+
+            def tensor_of(tensor: str) -> torch.Tensor:
+                return rebuilt(tensor)[0]
 
             for meta in self.member(name).tensors:
                 if not meta.name.startswith(prefix):
                     continue
-                rec = records[meta.name]
-                src = records[rec.same_as] if rec.same_as is not None else rec
-                base = self.base_tensor(src.base, dev) if src.base is not None else None
-                t = self._reconstruct(src, base, part, dev, delta_path, meta.name, others)
+                t, base = rebuilt(meta.name)
                 if copy and base is not None and t.data_ptr() == base.data_ptr():
                     t = t.clone()
                 if dtype is not None and t.is_floating_point():

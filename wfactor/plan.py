@@ -524,8 +524,7 @@ def plan_requant(
     prediction is checked bit for bit through the reader's path; what it misses (padding bits) goes into an
     XOR residual."""
     bits, layout, rows, inputs = int(params["bits"]), str(params["layout"]), base.shape[0], base.shape[1]
-    s = requant.scale_matrix(scales, rows, layout)
-    gidx = requant.group_index(inputs, int(params["group_size"]), groups, s.shape[1], base.device)
+    s, gidx = requant.grouping(params, rows, inputs, scales, groups, base.device)
     correction = requant.unpack(target, bits, inputs, layout)
     correction.sub_(requant.quantize(base, s, gidx, bits, int(params["zero"])))
     term = Encoded("requant", dict(params), {"correction": (storage_view(correction.to(torch.int8)), "I8", "zstd")})
@@ -559,8 +558,7 @@ def planning_pair(
     target = member.tensor(key)
     if bname is None:
         return target, None, None
-    view, original = base.planning_view(bname)
-    t = base.rescale_scales(bname)
+    view, original, t = base.planning_view(bname)
     if t is None or original is None or not target.is_floating_point():
         return target, view, None
     if member.prescale(key) is not None or member.packed(key) is not None:

@@ -22,6 +22,7 @@ Any other ``quant_method`` is refused with a one-line error rather than misread.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,11 +318,8 @@ class QuantizedSource(Source):
     def dequantized(self, key: str) -> torch.Tensor:
         """A packed weight's float32 values (u - z) * s, [out, in]."""
         pw = self._packed[key]
-        u = requant.unpack(self.tensor(key), pw.bits, pw.inputs, pw.layout)
-        s = requant.scale_matrix(self.tensor(pw.scales), pw.rows, pw.layout)
         g = self.tensor(pw.groups) if pw.groups is not None else None
-        gidx = requant.group_index(pw.inputs, pw.group_size, g, s.shape[1], u.device)
-        return requant.dequantize(u, s, gidx, pw.zero)
+        return requant.dequantize_packed(self.tensor(key), pw.params(), self.tensor(pw.scales), g)
 
     def prescale(self, key: str) -> torch.Tensor | None:
         scale = self._scales.get(key)
@@ -428,14 +426,11 @@ class Fp8Backbone(Source):
             return self._inner.raw_bytes(key)
         return bytes(self._codes(key)[0].view(torch.uint8).numpy().tobytes())
 
-    def rescale_scales(self, key: str) -> torch.Tensor | None:
-        return self._codes(key)[1] if key in self._quantized else None
-
-    def planning_view(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def planning_view(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if key not in self._quantized:
-            return self._inner.tensor(key), None
-        codes, t = self._codes(key)
-        return codes.to(torch.float32) / t[:, None], self._inner.tensor(key)
+            return self._inner.tensor(key), None, None
+        codes, t = self._codes(key)  # quantised once per planned tensor
+        return codes.to(torch.float32) / t[:, None], self._inner.tensor(key), t
 
     @property
     def nbytes(self) -> int:
@@ -443,6 +438,14 @@ class Fp8Backbone(Source):
 
     def close(self) -> None:
         """The inner backbone is closed by whoever opened it."""
+
+
+def dequantizable(name: str, rec: Any, names: Collection[str]) -> bool:
+    """Whether record ``rec`` (of tensor ``name``) holds a weight :func:`dequantize_tensors` turns into floats:
+    a requant record (packed int4/int8 codes), or an F8 ``...weight`` beside its ``..._scale`` in ``names``."""
+    if rec.terms and rec.terms[0].codec == "requant":
+        return True
+    return rec.dtype in F8_DTYPES and name.endswith("weight") and name + "_scale" in names
 
 
 def dequantize_tensors(
@@ -461,23 +464,19 @@ def dequantize_tensors(
     out = dict(sd)
     drop: set[str] = set()
     for name, rec in records.items():
-        if name not in sd:
+        if name not in sd or not dequantizable(name, rec, sd):
             continue
         if rec.terms and rec.terms[0].codec == "requant":
             p = rec.terms[0].params
-            layout, bits, inputs = str(p["layout"]), int(p["bits"]), int(p["inputs"])
-            rows = rec.shape[1] if layout == "columns" else rec.shape[0]
             scales = sd[ref(p["scales"])]
-            s = requant.scale_matrix(scales, rows, layout)
             groups = sd[ref(p["groups"])] if p.get("groups") is not None else None
-            gidx = requant.group_index(inputs, int(p["group_size"]), groups, s.shape[1], s.device)
-            w = requant.dequantize(requant.unpack(sd[name], bits, inputs, layout), s, gidx, int(p["zero"]))
+            w = requant.dequantize_packed(sd[name], p, scales, groups)
             stem = name[: -len("qweight")] if name.endswith("qweight") else name.rsplit("weight", 1)[0]
             del out[name]
             out[stem + "weight"] = w.to(scales.dtype if scales.is_floating_point() else torch.float32)
             drop |= {ref(p["scales"]), ref(p.get("groups")), stem + "weight_shape", stem + "qzeros"}
             drop |= {stem + "weight_zero_point"}
-        elif rec.dtype in F8_DTYPES and name.endswith("weight") and name + "_scale" in sd:
+        else:  # an F8 weight and its per-channel (or per-tensor) scale
             scale = sd[name + "_scale"]
             q = sd[name].to(torch.float32)
             m = q.shape[0] if q.dim() else 1

@@ -158,16 +158,11 @@ class Source:
         tensor: such a weight is planned as a requant record (spec 4.2)."""
         return None
 
-    def rescale_scales(self, key: str) -> torch.Tensor | None:
-        """For a backbone stored quantised (:class:`wfactor.quantized.Fp8Backbone`): the per-row scales t of
-        the rescale term every record predicted from tensor ``key`` starts with (its view is B / t); None
-        for every other tensor and backbone."""
-        return None
-
-    def planning_view(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the backbone tensor as a reader sees it, the original tensor it stands for or None): the tensor
-        itself and None, except for a quantised backbone (its dequantised view and the original)."""
-        return self.tensor(key), None
+    def planning_view(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(the backbone tensor as a reader sees it, the original tensor it stands for, the per-row scales t of
+        the rescale term every record predicted from it starts with): the tensor itself, None, None, except
+        for a quantised backbone (:class:`wfactor.quantized.Fp8Backbone`: its view B / t, the original, t)."""
+        return self.tensor(key), None, None
 
     def analysis_tensor(self, key: str) -> tuple[torch.Tensor, str]:
         """The tensor as analysis compares it with a base, and its dtype: itself, or for a quantised weight

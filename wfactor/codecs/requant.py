@@ -36,20 +36,6 @@ def words(n: int, bits: int) -> int:
     return -(-n * bits // 32)
 
 
-def target_shape(m: int, n: int, bits: int, layout: str) -> tuple[int, int]:
-    """The member tensor's shape for a base of [m, n]."""
-    if layout == "rows":
-        return (m, words(n, bits))
-    if layout == "columns":
-        return (words(n, bits), m)
-    return (m, n)
-
-
-def base_shape(shape: tuple[int, ...], n: int, layout: str) -> tuple[int, int]:
-    """The base's [m, n] for a member tensor of ``shape`` and ``n`` inputs."""
-    return (shape[1], n) if layout == "columns" else (shape[0], n)
-
-
 def _row_slices(m: int, n: int) -> list[slice]:
     step = max(1, CHUNK // max(1, n))
     return [slice(i, min(m, i + step)) for i in range(0, m, step)]
@@ -173,6 +159,36 @@ def dequantize(u: torch.Tensor, scales: torch.Tensor, gidx: torch.Tensor, zero: 
     return (u.to(torch.float32) - float(zero)) * s
 
 
+def grouping(
+    params: dict[str, Any],
+    m: int,
+    n: int,
+    scales: torch.Tensor,
+    groups: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales as [m, G] float32, each input's group) of a requant term over an [m, n] base (spec 5.4 steps
+    1 and 2), checked: G is 1 or ceil(n / group_size) unless ``groups`` says each input's group."""
+    s = scale_matrix(scales.to(device), m, str(params["layout"]))
+    size = int(params["group_size"])
+    if groups is None and s.shape[1] not in (1, -(-n // size)):
+        raise CodecError(
+            f"requant scales have {s.shape[1]} groups per row; group_size {size} over {n} inputs needs "
+            f"{-(-n // size)}"
+        )
+    return s, group_index(n, size, groups, s.shape[1], device)
+
+
+def dequantize_packed(
+    t: torch.Tensor, params: dict[str, Any], scales: torch.Tensor, groups: torch.Tensor | None
+) -> torch.Tensor:
+    """A packed member tensor ``t`` (a requant record's layout, ``params``) as float32 weights (u - z) * s."""
+    bits, n, layout = int(params["bits"]), int(params["inputs"]), str(params["layout"])
+    m = t.shape[1] if layout == "columns" else t.shape[0]
+    s, gidx = grouping(params, m, n, scales, groups, t.device)
+    return dequantize(unpack(t, bits, n, layout), s, gidx, int(params["zero"]))
+
+
 def decode(
     base: torch.Tensor,
     params: dict[str, Any],
@@ -183,13 +199,7 @@ def decode(
     """The record's tensor: pack(quantize(B) + correction) (spec 5.4)."""
     bits, zero, layout = int(params["bits"]), int(params["zero"]), str(params["layout"])
     m, n = base.shape
-    s = scale_matrix(scales.to(base.device), m, layout)
-    gidx = group_index(n, int(params["group_size"]), groups, s.shape[1], base.device)
-    if groups is None and s.shape[1] not in (1, -(-n // int(params["group_size"]))):
-        raise CodecError(
-            f"requant scales have {s.shape[1]} groups per row; group_size {params['group_size']} over {n} "
-            f"inputs needs {-(-n // int(params['group_size']))}"
-        )
+    s, gidx = grouping(params, m, n, scales, groups, base.device)
     u = quantize(base, s, gidx, bits, zero)
     u.add_(correction.to(device=u.device, dtype=torch.int16).reshape(m, n))
     if u.numel() and (int(u.min()) < 0 or int(u.max()) > (1 << bits) - 1):

@@ -128,8 +128,10 @@ def validate_term(term: Term, shape: tuple[int, ...], dtype: str, where: str) ->
             f"{where}: {schema.name} needs a tensor of at least {schema.min_ndim} dimensions, found {list(shape)}"
         )
     try:
-        params = check_requant(term.params, shape, dtype, where) if schema.name == "requant" else {}
-        params = params or check_params(schema, term.params, shape, where)
+        if schema.name == "requant":  # string parameters and a shape that follows from them: its own check
+            params = check_requant(term.params, shape, dtype, where)
+        else:
+            params = check_params(schema, term.params, shape, where)
     except ValueError as exc:
         raise CodecError(str(exc)) from None
     m, n = rows_cols(shape)
@@ -234,11 +236,10 @@ def record_from_json(obj: Any, base_shapes: dict[str, tuple[tuple[int, ...], str
     if any(t.codec == "requant" for t in terms):
         if len(terms) != 1 or base is None:
             raise CodecError(f"{where}: a requant term must be the only term, of a record with a base")
-        rp = terms[0].params
-        want = [shape[1] if rp["layout"] == "columns" else shape[0], rp["inputs"]]
-        if base_shapes is not None and base in base_shapes and list(base_shapes[base][0]) != want:
+        want = requant_base_shape(Record(name, shape, dtype, base, terms))
+        if base_shapes is not None and base in base_shapes and tuple(base_shapes[base][0]) != want:
             found = list(base_shapes[base][0])
-            raise CodecError(f"{where}: base {base!r} is {found}; this requant record packs a {want} base")
+            raise CodecError(f"{where}: base {base!r} is {found}; this requant record packs a {list(want or ())} base")
     elif dtype not in FLOAT_DTYPES and any(t.codec != "dense" for t in terms):
         raise CodecError(f"{where}: a {dtype} tensor may only use the dense codec (or requant)")
     if any(t.codec == "dense" for t in terms) and (len(terms) != 1 or base is not None):

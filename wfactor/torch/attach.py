@@ -20,7 +20,6 @@ import torch.nn as nn
 from ..codecs import quant
 from ..errors import CodecError, InputError
 from ..family import Family
-from ..format.constants import F8_DTYPES
 from ..format.delta import DeltaFile
 from ..format.manifest import TensorMeta
 from ..format.parts import read_parts, read_planes
@@ -245,10 +244,9 @@ def attach(
 
 def _quantised(records: dict[str, Record]) -> bool:
     """Whether a member holds weights predicted as quantised codes (requant records, F8 weights with scales)."""
-    return any(
-        (r.terms and r.terms[0].codec == "requant") or (r.dtype in F8_DTYPES and n + "_scale" in records)
-        for n, r in records.items()
-    )
+    from ..quantized import dequantizable
+
+    return any(dequantizable(n, r, records) for n, r in records.items())
 
 
 def _load(
