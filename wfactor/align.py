@@ -237,8 +237,8 @@ def _rule_verdict(
     analyses = []
     for m, b in pairs:
         bi = backbone.info(b)
-        w, mdtype = member.analysis_tensor(m)  # a quantised weight: dequantised
-        t = backbone.tensor(b)
+        w, mdtype = member.analysis_array(m)  # a quantised weight: dequantised
+        t = backbone.array(b)
         analyses.append(compare_tensor(m, w, t, member_dtype=mdtype, base_dtype=bi.dtype, ranks=False, sample=sample))
         del w, t
     summary, _groups = summarize(analyses)

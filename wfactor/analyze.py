@@ -160,8 +160,8 @@ def analyze_member(
             )
         else:
             binfo = base.info(bname)
-            w, mdtype = member.analysis_tensor(key)  # a quantised weight: its dequantised values
-            b = base.tensor(bname)
+            w, mdtype = member.analysis_array(key)  # a quantised weight: its dequantised values
+            b = base.array(bname)
             ta = compare_tensor(key, w, b, member_dtype=mdtype, base_dtype=binfo.dtype, ranks=ranks, sample=sample)
             ta.base = bname
             del w, b

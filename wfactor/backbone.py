@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .format.constants import FORMAT_VERSION, META_KIND, META_VERSION
+from .arrays import values64
+from .format.constants import FLOAT_DTYPES, FORMAT_VERSION, META_KIND, META_VERSION
 from .format.safetensors_io import Entry, write_streaming
 from .sources import Source
-from .tensors import format_dtype, to_storage
 
 
 @dataclass
@@ -39,9 +38,15 @@ class Distances:
         return math.sqrt(self.sq[i, j] / self.norm_sq[j]) if self.norm_sq[j] > 0 else 0.0
 
 
-def _float(src: Source, key: str) -> torch.Tensor | None:
-    t = src.tensor(key)
-    return t.to(torch.float64) if t.is_floating_point() else None
+def _float(src: Source, key: str) -> np.ndarray | None:
+    dtype = src.info(key).dtype
+    return values64(src.array(key), dtype) if dtype in FLOAT_DTYPES else None
+
+
+def _sq(x: np.ndarray) -> float:
+    """Sum of squares in float64, in numpy's fixed order (no BLAS, no threads: the same on every machine)."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    return float(np.einsum("i,i->", flat, flat))
 
 
 def pairwise(sources: Sequence[Source]) -> Distances:
@@ -53,29 +58,23 @@ def pairwise(sources: Sequence[Source]) -> Distances:
     keys = sorted({k for s in sources for k in s.keys()})
     for key in keys:
         ts = [(_float(s, key) if key in s else None) for s in sources]
-        norms = [float((t * t).sum()) if t is not None else 0.0 for t in ts]
+        norms = [_sq(t) if t is not None else 0.0 for t in ts]
         norm_sq += norms
         for i in range(n):
             for j in range(i + 1, n):
                 a, b = ts[i], ts[j]
                 if a is None and b is None:
                     continue
-                if a is None or b is None or a.dim() != b.dim():
+                if a is None or b is None or a.ndim != b.ndim:
                     d = norms[i] + norms[j]
                 elif a.shape != b.shape:
                     # a grown or shrunk tensor: the common leading block is compared, the rest counts whole,
                     # exactly as the zero-padded base view of the reconstruction sees it
                     region = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
                     ar, br = a[region], b[region]
-                    d = (
-                        float(((ar - br) ** 2).sum())
-                        + norms[i]
-                        - float((ar * ar).sum())
-                        + norms[j]
-                        - float((br * br).sum())
-                    )
+                    d = _sq(ar - br) + norms[i] - _sq(ar) + norms[j] - _sq(br)
                 else:
-                    d = float(((a - b) ** 2).sum())
+                    d = _sq(a - b)
                 sq[i, j] += d
                 sq[j, i] += d
     return Distances([s.name for s in sources], sq, norm_sq)
@@ -120,16 +119,17 @@ def write_consensus(sources: Sequence[Source], path: Path) -> None:
 
     def produce(e: Entry) -> bytes:
         members, dtype = by_key[e.name]
+        first = members[0]
         if len(members) == 1 or dtype not in ("F32", "F64"):
-            t = members[0].tensor(e.name)
-            if format_dtype(t.dtype) != dtype:
-                t = t.to(torch.float64 if dtype == "F64" else torch.float32)
-            return to_storage(t).tobytes()
-        acc = torch.zeros(e.shape, dtype=torch.float64)
+            a, have = first.array(e.name), first.info(e.name).dtype
+            if have != dtype:  # a lone bf16/f16 member: its values, exactly, in float32
+                a = values64(a, have).astype(np.float32)
+            return np.ascontiguousarray(a).tobytes()
+        acc = np.zeros(e.shape, dtype=np.float64)
         for s in members:
-            acc += s.tensor(e.name).to(torch.float64)
+            acc += values64(s.array(e.name), s.info(e.name).dtype)
         acc /= len(members)
-        return to_storage(acc.to(torch.float64 if dtype == "F64" else torch.float32)).tobytes()
+        return acc.astype(np.float64 if dtype == "F64" else np.float32).tobytes()
 
     entries = [Entry(k, d, sh) for k, sh, _s, d in plan]
     write_streaming(path, entries, produce, {META_KIND: "backbone", META_VERSION: str(FORMAT_VERSION)})

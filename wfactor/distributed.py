@@ -1,6 +1,6 @@
 """Factoring on a Ray cluster (``factor --executor ray``; the ``ray`` extra): the per-tensor planning of every
 member runs as Ray tasks, and the driver writes the family from their results, in order, exactly as a local
-run does (the same function plans each tensor: :func:`wfactor.plan.plan_member_tensor`).
+run does (the same function plans each tensor: :func:`wfactor.jobs.plan_member_tensor`).
 
 Deployment: every node sees the members, the base and the family's output directory at the same paths
 (shared storage: NFS, a parallel file system, or a single machine); wfactor is installed on every node.
@@ -26,8 +26,8 @@ from .errors import DependencyError
 
 if TYPE_CHECKING:
     from .budget import Budget
+    from .exact import Planned
     from .format.records import Record  # noqa: F401
-    from .plan import Planned
     from .sources import Source
 
 _OPENED: dict[tuple[Any, ...], Any] = {}  # per worker process: sources opened by origin
@@ -59,13 +59,13 @@ def plan_task(
     pos: int,
 ) -> Planned:
     """One tensor planned on a worker: the sources are opened there (once per worker process)."""
-    import torch
+    from .executor import bounded_heap, one_torch_thread
+    from .jobs import plan_member_tensor
 
-    from .executor import bounded_heap
-    from .plan import plan_member_tensor
-
-    bounded_heap()
-    torch.set_num_threads(1)
+    if not budget.lossless:
+        import torch  # noqa: F401  (lossy planning: torch, one thread)
+    bounded_heap(streaming=budget.lossless)
+    one_torch_thread()
     return plan_member_tensor(_open(member), _open(base), key, bname, budget, option, fast_load, pos)
 
 

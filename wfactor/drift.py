@@ -11,14 +11,15 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from .format.records import Record, rows_cols
-from .linalg import range_finder
-from .reconstruct import predict
-from .tensors import bits_view
+from .arrays import bits, predict_base, values64
+from .format.records import rows_cols
+
+if TYPE_CHECKING:  # ranks only (effective_rank): the verdict and the drift numbers are numpy
+    import torch
 
 # Verdict (spec/ANALYZE.md, "Verdict"): a member is related to the base when at least RELATED_MIN_CLOSE_SHARE
 # of its shared matrices, by bytes or by count, lie within RELATED_MAX_DRIFT of the base. Models trained from
@@ -196,6 +197,10 @@ def effective_rank(delta: torch.Tensor, energy: float = RANK_ENERGY, seed: int =
     (64, 128, ... up to 512 + oversampling) until its leading values hold the energy, and exact past that.
     The randomised values never exceed the true ones, so the randomised estimate can only overstate r.
     """
+    import torch
+
+    from .linalg import range_finder
+
     total = float(torch.linalg.vector_norm(delta.to(torch.float64)) ** 2)
     if total == 0.0:
         return 0
@@ -219,12 +224,14 @@ def effective_rank(delta: torch.Tensor, energy: float = RANK_ENERGY, seed: int =
 
 
 def _rank_from(s: torch.Tensor, total: float, energy: float) -> int | None:
+    import torch
+
     cum = torch.cumsum(s * s, 0)
     hit = torch.nonzero(cum >= energy * total * (1 - 1e-9))
     return int(hit[0, 0]) + 1 if hit.numel() else None
 
 
-def _overlap(a: torch.Size, b: torch.Size) -> tuple[tuple[slice, ...], str | None]:
+def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple[slice, ...], str | None]:
     """The overlapping leading block of two shapes of equal rank, and a note when it is not all of them."""
     if tuple(a) == tuple(b):
         return (), None
@@ -235,65 +242,59 @@ def _overlap(a: torch.Size, b: torch.Size) -> tuple[tuple[slice, ...], str | Non
 
 def compare_tensor(
     name: str,
-    w: torch.Tensor,
-    b: torch.Tensor,
+    w: np.ndarray,
+    b: np.ndarray,
     *,
     member_dtype: str,
     base_dtype: str,
     ranks: bool = True,
     sample: int | None = None,
 ) -> TensorAnalysis:
-    """Compare a member tensor ``w`` with its base tensor ``b`` (CPU tensors of their stored dtypes).
+    """Compare a member tensor ``w`` with its base tensor ``b`` (storage arrays of their stored dtypes,
+    :mod:`wfactor.arrays`; numpy throughout, torch only for ranks). Sums are float64, in chunks, each in
+    numpy's fixed order (no BLAS, no threads): the same numbers on every machine.
 
     ``sample``: estimate drift, cosine and changed share from at most about that many evenly strided
     elements (deterministic; ``compared`` says how many), as ``factor`` does for its relatedness verdict."""
     shape, bshape = list(w.shape), list(b.shape)
     status = "shape_changed" if shape != bshape else "dtype_changed" if member_dtype != base_dtype else "drift"
-    ta = TensorAnalysis(
-        name,
-        group_of(name),
-        status,
-        False,
-        shape,
-        member_dtype,
-        bshape,
-        base_dtype,
-        w.numel() * w.element_size(),
-    )
-    if w.dim() != b.dim():
-        ta.note = f"{w.dim()}-D vs {b.dim()}-D in the base: not compared"
+    ta = TensorAnalysis(name, group_of(name), status, False, shape, member_dtype, bshape, base_dtype, int(w.nbytes))
+    if w.ndim != b.ndim:
+        ta.note = f"{w.ndim}-D vs {b.ndim}-D in the base: not compared"
         return ta
-    # the base as the planner sees it: cast to the member's dtype, through the compute dtype, NaNs canonical
-    cast = predict(Record(name, tuple(w.shape), member_dtype, name), b, _no_parts, "cpu")
-    region, ta.note = _overlap(w.shape, b.shape)
-    wb, cb, bb = (x[region].contiguous() for x in (w, cast, b)) if region else (w, cast, b)
-    numel = wb.numel()
+    region, ta.note = _overlap(tuple(w.shape), tuple(b.shape))
+    wb, bb = (w[region], b[region]) if region else (w, b)
+    numel = int(wb.size)
     ta.compared = numel
     if numel == 0:
         ta.note = (ta.note + "; " if ta.note else "") + "no elements to compare"
         return ta
-    wflat, cflat, bflat = wb.reshape(-1), cb.reshape(-1), bb.reshape(-1)
-    if sample is not None and numel > sample and not (ranks and w.dim() >= 2):
+    wflat, bflat = (np.ascontiguousarray(x).reshape(-1) for x in (wb, bb))
+    if sample is not None and numel > sample and not (ranks and w.ndim >= 2):
         step = -(-numel // sample)
-        wflat, cflat, bflat = (x[::step].contiguous() for x in (wflat, cflat, bflat))
-        numel = ta.compared = wflat.numel()
-    wbits, cbits = bits_view(wflat), bits_view(cflat)
+        wflat, bflat = (np.ascontiguousarray(x[::step]) for x in (wflat, bflat))
+        numel = ta.compared = int(wflat.size)
+    # the base as the planner sees it: cast to the member's dtype, through the compute dtype, NaNs canonical
+    # (elementwise: the compared elements only)
+    cflat = predict_base(bflat, base_dtype, tuple(bflat.shape), member_dtype)
+    wbits, cbits = bits(wflat), bits(cflat)
     changed = 0
     dd = ww = bn = wbdot = 0.0
-    need_delta = ranks and w.dim() >= 2
-    delta32 = torch.empty(numel, dtype=torch.float32) if need_delta else None
-    for i in _chunks(numel):
-        j = min(i + _CHUNK, numel)
-        changed += int(torch.count_nonzero(wbits[i:j] != cbits[i:j]))
-        wc = wflat[i:j].to(torch.float64)
-        bc = bflat[i:j].to(torch.float64)
-        dc = wc - bc
-        dd += float(torch.dot(dc, dc))
-        ww += float(torch.dot(wc, wc))
-        bn += float(torch.dot(bc, bc))
-        wbdot += float(torch.dot(wc, bc))
-        if delta32 is not None:
-            delta32[i:j] = dc.to(torch.float32)
+    need_delta = ranks and w.ndim >= 2
+    delta32 = np.empty(numel, dtype=np.float32) if need_delta else None
+    with np.errstate(over="ignore", invalid="ignore"):  # infinities and NaNs are reported, not raised
+        for i in _chunks(numel):
+            j = min(i + _CHUNK, numel)
+            changed += int(np.count_nonzero(wbits[i:j] != cbits[i:j]))
+            wc = values64(wflat[i:j], member_dtype)
+            bc = values64(bflat[i:j], base_dtype)
+            dc = wc - bc
+            dd += float(np.einsum("i,i->", dc, dc))
+            ww += float(np.einsum("i,i->", wc, wc))
+            bn += float(np.einsum("i,i->", bc, bc))
+            wbdot += float(np.einsum("i,i->", wc, bc))
+            if delta32 is not None:
+                delta32[i:j] = dc
     ta.changed_fraction = changed / numel
     ta.identical = changed == 0 and shape == bshape
     if ta.identical and status == "drift":
@@ -311,13 +312,11 @@ def compare_tensor(
     if ww > 0 and bn > 0:
         ta.cosine = max(-1.0, min(1.0, wbdot / math.sqrt(ww * bn)))
     if delta32 is not None:
+        import torch
+
         rows, cols = rows_cols(tuple(wb.shape))
-        ta.rank99 = 0 if dd == 0 else effective_rank(delta32.reshape(rows, cols))
+        ta.rank99 = 0 if dd == 0 else effective_rank(torch.from_numpy(delta32.reshape(rows, cols)))
     return ta
-
-
-def _no_parts(spec: Any) -> torch.Tensor:
-    raise AssertionError("a record without terms loads no parts")
 
 
 # -- summaries and verdict -------------------------------------------------------------------------------

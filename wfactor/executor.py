@@ -32,6 +32,15 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def one_torch_thread() -> None:
+    """One torch (OpenMP) thread for what runs here (a worker thread's initializer), when torch is in use:
+    matrix products and SVDs sum in an order that depends on the thread count. A lossless factoring never
+    imports torch (wfactor.exact), and this does not import it either."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def resolve_workers(workers: int | None) -> int:
     """``workers`` checked (None: every available core)."""
     if workers is None:

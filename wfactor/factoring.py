@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
-import torch
 
 from .align import VERDICT_SAMPLE, Alignment, BackboneIndex, Rule, align, check_rule_members, parse_map, rules_for
 from .backbone import medoid, pairwise, widest, write_consensus
+from .budget import Budget
 from .errors import InputError
-from .executor import bounded_heap, ordered_map, resolve_workers
+from .exact import Planned
+from .executor import bounded_heap, one_torch_thread, ordered_map, resolve_workers
 from .format.atomic import fsync_dir, recover, replace_dir, temp_name
 from .format.constants import (
     AUX_DIR,
@@ -53,8 +55,8 @@ from .format.manifest import (
 from .format.records import Record, record_version
 from .format.safetensors_io import Entry, SpoolWriter, write_streaming
 from .inputs import open_bases, open_source, split_base
+from .jobs import plan_member_tensor
 from .pipelines import aux_relpath, member_components
-from .plan import Budget, Planned, TensorPlanner, allocate, plan_member_tensor, plan_tensor, planning_pair
 from .sources import Source
 from .version import __version__
 
@@ -221,6 +223,8 @@ def allocate_family(
     """Pass 1 of a family-wide byte budget: every tensor's ladder of options, then one greedy allocation.
     Member-only tensors (all of an unrelated member) take part with their fixed (dense) cost. ``raw``: the
     models side by side."""
+    from .plan import TensorPlanner, allocate, planning_pair  # a byte budget is lossy: torch
+
     target = budget.target_bytes if budget.target_bytes is not None else int(round((budget.target_ratio or 0) * raw))
     keys: list[tuple[str, str]] = []
     ladders: list[list[tuple[str, int, float]]] = []
@@ -270,7 +274,7 @@ def _mapping(src: Source, base: Source, alignment: Alignment | None) -> dict[str
 def write_delta(
     member: Source,
     base: Source,
-    backbone_sha: str,
+    backbone_sha: str | Callable[[], str],
     path: Path,
     budget: Budget,
     progress: Progress | None = None,
@@ -281,7 +285,7 @@ def write_delta(
     executor: Any | None = None,
     device: str = "cpu",
     writer: ThreadPoolExecutor | None = None,
-    pending: list[Future[str]] | None = None,
+    pending: list[Future[Any]] | None = None,
 ) -> tuple[list[Record], dict[str, int]]:
     """Plan and encode every tensor of ``member`` against ``base``; returns the records and part sizes.
     ``alignment`` says which backbone tensor each member tensor is predicted from (None: the one of its name);
@@ -291,7 +295,8 @@ def write_delta(
     loader, instead of zstd frames that must be decoded (which are ~1-25% smaller). ``workers``: tensors
     planned at once (:func:`wfactor.executor.ordered_map`); the bytes written are the same for any number.
     ``writer`` (with ``pending``): the final file is written from the spool on that thread while the caller
-    goes on (planning the next member); its future goes into ``pending``, and the file exists once it is done."""
+    goes on (planning the next member); its future goes into ``pending``, and the file exists once it is done.
+    ``backbone_sha`` (the digest the delta is tied to) may be a function, called when the file is finished."""
     spool = SpoolWriter(path)
     records: list[Record] = []
     sizes: dict[str, int] = {}
@@ -349,25 +354,27 @@ def write_delta(
             done += info.nbytes
             if progress:
                 progress(member.name, done, total)
-        meta = {
-            META_KIND: "delta",
-            META_VERSION: str(delta_version(records)),
-            META_MEMBER: member.name,
-            META_BACKBONE: backbone_sha,
-            META_RECORDS: _records_json(records),
-        }
+        def meta() -> dict[str, str]:
+            return {
+                META_KIND: "delta",
+                META_VERSION: str(delta_version(records)),
+                META_MEMBER: member.name,
+                META_BACKBONE: backbone_sha if isinstance(backbone_sha, str) else backbone_sha(),
+                META_RECORDS: _records_json(records),
+            }
+
         if writer is not None and pending is not None:
 
             def finish() -> str:
                 try:
-                    return spool.finish(meta)
+                    return spool.finish(meta())
                 except BaseException:
                     spool.abort()
                     raise
 
             pending.append(writer.submit(finish))
         else:
-            spool.finish(meta)
+            spool.finish(meta())
     except BaseException:
         spool.abort()
         raise
@@ -457,43 +464,49 @@ def _write_family(
     # the models side by side: the members, plus the base when the user gave one
     raw_bytes = (base_src.nbytes if origin.get("kind") in ("base", "bases") else 0) + sum(s.nbytes for s in sources)
     (tmp / DELTAS_DIR).mkdir(parents=True)
-    sharded = write_backbone_sharded(base_src, tmp, max_shard_bytes, progress) if max_shard_bytes else None
-    shards: list[FileRef]
-    if sharded is None:
-        write_backbone(base_src, tmp / BACKBONE_NAME, progress)
-        backbone, shards = FileRef.of(tmp, BACKBONE_NAME), []
-    else:
-        backbone, shards = sharded
-    options = (
-        allocate_family(
-            sources,
-            base_src,
-            budget,
-            backbone.size + sum(r.size for r in shards),
-            progress,
-            alignments,
-            raw_bytes,
-            workers,
-        )
-        if budget.global_target
-        else {}
-    )
     entries: list[MemberEntry] = []
     reports: list[MemberReport] = []
-    # raised to 3 by a delta with bit planes, to 4 by low-precision tensors anywhere
-    version = backbone_version(base_src, SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION)
     written: list[tuple[Source, str, list[Record], dict[str, int]]] = []
-    pending: list[Future[str]] = []
-    # each delta's file is written from its spool on one writer thread while the next member is planned
+    pending: list[Future[Any]] = []
+    shards: list[FileRef] = []
+    # One writer thread writes the backbone while the first member is planned, then each delta's file from
+    # its spool while the next member is planned (in that order: a delta's header names the backbone's
+    # digest, known by then).
     with ThreadPoolExecutor(1) as writer:
+        sharded = write_backbone_sharded(base_src, tmp, max_shard_bytes, progress) if max_shard_bytes else None
+        backbone_ref: Future[FileRef]
+        if sharded is not None:
+            backbone_ref, shards = Future(), sharded[1]
+            backbone_ref.set_result(sharded[0])
+        else:
+
+            def single() -> FileRef:
+                write_backbone(base_src, tmp / BACKBONE_NAME, progress)
+                return FileRef.of(tmp, BACKBONE_NAME)
+
+            backbone_ref = writer.submit(single)
+        pending.append(backbone_ref)
         try:
+            options: dict[str, dict[str, str]] = {}
+            if budget.global_target:
+                backbone = backbone_ref.result()
+                options = allocate_family(
+                    sources,
+                    base_src,
+                    budget,
+                    backbone.size + sum(r.size for r in shards),
+                    progress,
+                    alignments,
+                    raw_bytes,
+                    workers,
+                )
             for src in sources:
                 rel = f"{DELTAS_DIR}/{src.name}.safetensors"
                 # what does not align is stored dense: all of an unrelated member (stored whole, compressed)
                 records, sizes = write_delta(
                     src,
                     base_src,
-                    backbone.sha256,
+                    lambda: backbone_ref.result().sha256,
                     tmp / rel,
                     budget,
                     progress,
@@ -512,6 +525,9 @@ def _write_family(
                 fut.exception()
         for fut in pending:
             fut.result()
+        backbone = backbone_ref.result()
+    # raised to 3 by a delta with bit planes, to 4 by low-precision tensors anywhere
+    version = backbone_version(base_src, SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION)
     for src, rel, records, sizes in written:
         al = alignments[src.name]
         version = max(version, delta_version(records))
@@ -582,9 +598,7 @@ def estimate_family_bytes(
             tensor_budget = Budget(max_rel_error=budget.max_rel_error)  # a per-tensor estimate of its share
 
         def planned(key: str, src: Source = src, mapping: dict[str, str] = mapping, b: Budget = tensor_budget) -> int:
-            bname = mapping.get(key)
-            base_t = backbone.tensor(bname) if bname is not None else None
-            return plan_tensor(key, src.tensor(key), bname, base_t, b).nbytes
+            return plan_member_tensor(src, backbone, key, mapping.get(key), b, None, False, 0).nbytes
 
         got = sum(ordered_map(planned, sample, workers, one_torch_thread))
         share = sum(src.info(k).nbytes for k in sample)
@@ -614,6 +628,8 @@ def check_device(device: str, executor: str = "local") -> str:
         raise InputError(f"--device must be cpu, cuda or cuda:N, found {device!r}")
     if executor != "local":
         raise InputError("--device cuda plans on this machine's GPU: drop --executor ray (Ray workers plan on CPU)")
+    import torch
+
     index = int(device.split(":")[1]) if ":" in device else 0
     if not torch.cuda.is_available() or index >= torch.cuda.device_count():
         why = (
@@ -627,11 +643,6 @@ def check_device(device: str, executor: str = "local") -> str:
     return device
 
 
-def one_torch_thread() -> None:
-    """In a worker thread: one torch (OpenMP) thread, as :func:`single_threaded` sets for the calling thread."""
-    torch.set_num_threads(1)
-
-
 def single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``fn`` with one torch thread: matrix products and SVDs sum in an order that depends on the thread
     count, and the low-rank factors and the measured errors are written to the family. With the count fixed,
@@ -640,13 +651,18 @@ def single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(fn)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         budget = next((a for a in (*args, *kwargs.values()) if isinstance(a, Budget)), None)
-        bounded_heap(streaming=budget is not None and budget.lossless)
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
+        lossless = budget is not None and budget.lossless
+        bounded_heap(streaming=lossless)
+        if not lossless:  # lossy planning is torch's; a lossless one is torch-free (wfactor.exact) but for
+            import torch  # noqa: F401  quantised weights, planned elementwise (any thread count, same bytes)
+        torch_mod = sys.modules.get("torch")
+        before = torch_mod.get_num_threads() if torch_mod is not None else None
+        one_torch_thread()
         try:
             return fn(*args, **kwargs)
         finally:
-            torch.set_num_threads(before)
+            if torch_mod is not None and before is not None:
+                torch_mod.set_num_threads(before)
 
     return run
 

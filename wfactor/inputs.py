@@ -23,10 +23,9 @@ from typing import Any
 from .errors import InputError, NotFoundError, NotSafetensorsError
 from .hub import parse_hub_id
 from .hub import resolve as resolve_hub
-from .peft import ADAPTER_CONFIG, is_adapter_dir, open_adapter
 from .pipelines import open_pipeline, pipeline_layout
-from .quantized import QuantizedSource, check_method, quantization_config
 from .sources import (
+    ADAPTER_CONFIG,
     INDEX_NAME,
     SINGLE_NAME,
     TOWER_SEP,
@@ -36,6 +35,8 @@ from .sources import (
     clean_member_name,
     default_member_name,
     index_files,
+    is_adapter_dir,
+    quantization_config,
     split_spec,
 )
 
@@ -57,6 +58,8 @@ def _adapter(path: Path, name: str, base: str | None, hub_ref: str | None) -> So
             f"{path}: a PEFT adapter ({ADAPTER_CONFIG}); pass --base with its base model so the member is "
             "base + adapter"
         )
+    from .peft import open_adapter  # torch: the adapter is merged into its base
+
     return open_adapter(name, path, open_source(base, name="base"))
 
 
@@ -83,6 +86,8 @@ def _model_dir(path: Path, name: str, base: str | None, hub_ref: str | None) -> 
         files = found
     q = quantization_config(path)
     if q is not None:  # a quantised checkpoint (wfactor/quantized.py)
+        from .quantized import QuantizedSource, check_method  # torch: packed codes are predicted with it
+
         method, fmt = check_method(q, str(path / "config.json"))
         return QuantizedSource(
             name, path, files, aux_files(path, set(files)), hub=hub_ref, method=method, quant_format=fmt, qconfig=q

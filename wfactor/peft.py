@@ -20,22 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import InputError, NotFoundError
 from .format.safetensors_io import SafetensorsFile, TensorInfo, loads_strict
-from .sources import AUX_MAX_BYTES, AUX_SUFFIXES, Source
+from .sources import ADAPTER_CONFIG, AUX_MAX_BYTES, AUX_SUFFIXES, Source, is_adapter_dir  # noqa: F401
 from .tensors import TORCH_DTYPES, compute_torch_dtype, from_storage, to_storage
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 EMBEDDING_LEAVES = ("wte", "wpe")
 SHOW = 5  # tensor names quoted in a refusal
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
 
 
 @dataclass
@@ -199,6 +195,11 @@ class AdapterSource(Source):
         if kind == "embedding" or self.config.fan_in_fan_out:
             d = d.T
         return (w.to(c) + d * scaling).to(w.dtype)
+
+    def array(self, key: str) -> np.ndarray:
+        if key in self._full or key in self._lora:  # merged here: base + scaling * B A
+            return to_storage(self.tensor(key))
+        return super().array(key)
 
     def raw_bytes(self, key: str) -> bytes:
         if key in self._full or key in self._lora:

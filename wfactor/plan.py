@@ -12,19 +12,19 @@ the reader's own code path, after rounding to the target dtype. ``lossless`` dem
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from . import exact
 from .budget import DEFAULT_MAX_REL_ERROR, Budget  # noqa: F401  (the planner's options; re-exported)
 from .codecs import dense, lowrank, quant, requant, residual, sparse
 from .codecs.base import Encoded
 from .errors import InputError
+from .exact import EXACT_TRY_DENSE, Planned, part_key, rekey  # noqa: F401  (re-exported)
 from .format.constants import MAX_BITS, MIN_BITS
 from .format.parts import PartSpec, encode_part, read_part_array
 from .format.records import Record, Term, rows_cols
@@ -40,62 +40,11 @@ ERROR_FLOOR = 1e-4
 _MARGIN = 0.9
 
 
-@dataclass
-class Planned:
-    """A record with its stored arrays, ready to be written. ``nbytes`` counts stored bytes."""
-
-    record: Record
-    stored: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.stored.values())
-
-
-def rekey(p: Planned, prefix: str) -> Planned:
-    """The same record with its parts keyed ``<prefix>#<slot>.<role>`` (the writer uses the record's index:
-    short keys keep delta headers small; readers find parts through the record, never by convention)."""
-    renamed: dict[str, str] = {}
-
-    def new(spec: PartSpec) -> PartSpec:
-        key = f"{prefix}#{spec.key.rsplit('#', 1)[1]}"
-        renamed[spec.key] = key
-        return dataclasses.replace(spec, key=key)
-
-    rec = p.record
-    terms = [Term(t.codec, t.params, {role: new(s) for role, s in t.parts.items()}) for t in rec.terms]
-    resid = new(rec.residual) if rec.residual is not None else None
-    out = Record(rec.name, rec.shape, rec.dtype, rec.base, terms, resid, rec.error, rec.same_as)
-    return Planned(out, {renamed[k]: v for k, v in p.stored.items()})
-
-
-def _no_parts(spec: PartSpec) -> torch.Tensor:
-    raise AssertionError("a record without terms loads no parts")
-
-
-def _part_key(tensor: str, slot: str, role: str) -> str:
-    return f"{tensor}#{slot}.{role}"
-
-
 def assemble(
     name: str, target: torch.Tensor, base_name: str | None, terms: list[Encoded], resid: Encoded | None
 ) -> Planned:
-    stored: dict[str, np.ndarray] = {}
-    rec_terms: list[Term] = []
-    for k, enc in enumerate(terms):
-        parts: dict[str, PartSpec] = {}
-        for role, (arr, dtype, encoding) in enc.arrays.items():
-            spec, data = encode_part(_part_key(name, str(k), role), arr, dtype, encoding)
-            parts[role] = spec
-            stored[spec.key] = data
-        rec_terms.append(Term(enc.codec, dict(enc.params), parts))
-    rspec = None
-    if resid is not None:
-        arr, dtype, encoding = resid.arrays["xor"]
-        rspec, data = encode_part(_part_key(name, "r", "xor"), arr, dtype, encoding)
-        stored[rspec.key] = data
-    rec = Record(name, tuple(target.shape), format_dtype(target.dtype), base_name, rec_terms, rspec, {})
-    return Planned(rec, stored)
+    """The record of ``terms`` (and a residual) for tensor ``target`` (:func:`wfactor.exact.assemble`)."""
+    return exact.assemble(name, tuple(target.shape), format_dtype(target.dtype), base_name, terms, resid)
 
 
 def rebuild_planned(p: Planned, base: torch.Tensor | None) -> torch.Tensor:
@@ -108,7 +57,6 @@ def rebuild_planned(p: Planned, base: torch.Tensor | None) -> torch.Tensor:
 
 
 MEASURE_CHUNK = 1 << 20
-EXACT_TRY_DENSE = 0.75
 
 
 def sumsq64(x: torch.Tensor) -> float:
@@ -154,9 +102,8 @@ class TensorPlanner:
     ):
         self.name, self.target, self.base_name, self.base, self.budget = name, target, base_name, base, budget
         self.shape = tuple(target.shape)
-        if base is not None and (base.dim() != target.dim() or base.is_floating_point() != target.is_floating_point()):
-            self.base_name, self.base = None, None
-        if base is not None and not target.is_floating_point() and base.dtype != target.dtype:
+        self.dtype = format_dtype(target.dtype)
+        if base is not None and not exact.usable_base(self.dtype, self.shape, format_dtype(base.dtype), base.shape):
             self.base_name, self.base = None, None
         self._drift = 0.0
         self._prepared = False
@@ -169,12 +116,19 @@ class TensorPlanner:
             return
         self._prepared = True
         t, b = self.target, self.base
+        # the exact options, torch-free (wfactor.exact): the reader's base-only prediction and its residual
+        self.exact = exact.Exact(
+            self.name,
+            storage_view(t),
+            self.dtype,
+            self.base_name,
+            storage_view(b) if b is not None else None,
+            format_dtype(b.dtype) if b is not None else None,
+        )
         self.kind = "exact"
         if b is None:
             return
-        rec = Record(self.name, self.shape, format_dtype(t.dtype), self.base_name)
-        self.pred0 = predict(rec, b, _no_parts, b.device)
-        if bitwise_equal(self.pred0, t):
+        if self.exact.identical:
             self.kind = "identical"
             return
         if self.budget.lossless or not t.is_floating_point():
@@ -205,20 +159,12 @@ class TensorPlanner:
         t = self.target
         kind, *args = option.split(":")
         if option == "identical":
-            p = assemble(self.name, t, self.base_name, [], None)
+            p = self.exact.reference()
         elif option == "exact":
-            # base + XOR residual, or the tensor dense, whichever is smaller. Dense is only tried when the
-            # residual compresses poorly (above EXACT_TRY_DENSE of the raw bytes), where it can win (a
-            # tensor unrelated to its base); below that, the residual's mostly-zero high bytes beat the
-            # dense values' planes, and skipping the second compression saves a pass over the tensor.
-            cands: list[Planned] = []
-            if self.base is not None:
-                cands.append(assemble(self.name, t, self.base_name, [], residual.encode(t, self.pred0)))
-            if not cands or cands[0].nbytes > EXACT_TRY_DENSE * t.numel() * t.element_size():
-                cands.append(assemble(self.name, t, None, [dense.encode(t)], None))
-            p = min(cands, key=lambda c: c.nbytes)  # min keeps the first of equals: deterministic
-            # exact by construction (XOR restores every bit; dense is the bytes): nothing to measure
-            p.record.error = {"rel_l2": 0.0, "max_abs": 0.0} | ({"rel_drift": 0.0} if self._drift > 0 else {})
+            # base + XOR residual, or the tensor dense, whichever is smaller (wfactor.exact): exact by
+            # construction (XOR restores every bit; dense is the bytes), nothing to measure
+            p = self.exact.smallest()
+            p.record.error |= {"rel_drift": 0.0} if self._drift > 0 else {}
             self._cache[option] = p
             return p
         elif option == "base":
@@ -499,9 +445,9 @@ def plan_prescaled(
         return from_storage(read_part_array(spec, probe.stored[spec.key], spec.key), spec.dtype)
 
     pred = predict(probe.record, base, load, base.device)
-    exact = bitwise_equal(pred, target)
-    p = probe if exact else assemble(name, target, base_name, [rescale], residual.encode(target, pred))
-    if not exact and p.nbytes > EXACT_TRY_DENSE * target.numel() * target.element_size():
+    same = bitwise_equal(pred, target)
+    p = probe if same else assemble(name, target, base_name, [rescale], residual.encode(target, pred))
+    if not same and p.nbytes > EXACT_TRY_DENSE * target.numel() * target.element_size():
         d = assemble(name, target, None, [dense.encode(target)], None)
         p = d if d.nbytes < p.nbytes else p
     p.record.error = {"rel_l2": 0.0, "max_abs": 0.0}
@@ -580,13 +526,13 @@ def with_rescale(p: Planned, t: torch.Tensor) -> Planned:
     scales = torch.ones(m, dtype=torch.float32)
     k = min(m, t.numel())
     scales[:k] = t.reshape(-1)[:k]
-    spec, data = encode_part(_part_key(rec.name, "s", "scales"), storage_view(scales), "F32", "zstd_planes")
+    spec, data = encode_part(part_key(rec.name, "s", "scales"), storage_view(scales), "F32", "zstd_planes")
     terms = [Term("rescale", {}, {"scales": spec})] + list(rec.terms)
     out = Record(rec.name, rec.shape, rec.dtype, rec.base, terms, rec.residual, rec.error, rec.same_as)
     return Planned(out, {**p.stored, spec.key: data})
 
 
-def plan_member_tensor(
+def plan_with_torch(
     member: Source,
     base: Source,
     key: str,
@@ -598,8 +544,8 @@ def plan_member_tensor(
     device: str = "cpu",
 ) -> Planned:
     """One member tensor planned and encoded against its aligned backbone tensor ``bname`` (None: dense), its
-    parts keyed by its record position ``pos``: the unit of work of every executor (threads here, Ray tasks
-    in :mod:`wfactor.distributed`), so that every executor writes the same bytes."""
+    parts keyed by its record position ``pos``, with torch: what :func:`wfactor.jobs.plan_member_tensor` does
+    not plan torch-free (lossy budgets, quantised weights, a quantised backbone)."""
     target, base_t, carried = planning_pair(member, base, key, bname)
     if device != "cpu":  # --device cuda: SVDs, searches and error measurements run there; stored parts come back
         target = target.to(device)

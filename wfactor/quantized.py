@@ -21,19 +21,18 @@ Any other ``quant_method`` is refused with a one-line error rather than misread.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .codecs import requant
 from .errors import InputError
 from .format.constants import F8_DTYPES
 from .format.safetensors_io import TensorInfo
-from .sources import Source
+from .sources import Source, quantization_config  # noqa: F401  (re-exported)
 
 FLOAT_FORMATS = ("float-quantized", "naive-quantized")
 KNOWN_STORED_AS_IS = {
@@ -44,19 +43,6 @@ KNOWN_STORED_AS_IS = {
     ("awq", None),
 }
 METHODS = ("compressed-tensors", "gptq", "awq")
-
-
-def quantization_config(folder: Path) -> dict[str, Any] | None:
-    """The ``quantization_config`` of ``folder/config.json``, or None (no config, or not quantised)."""
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        obj = json.loads(cfg.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None  # not ours to judge: the config is copied as it is
-    q = obj.get("quantization_config") if isinstance(obj, dict) else None
-    return q if isinstance(q, dict) else None
 
 
 def check_method(q: dict[str, Any], where: str) -> tuple[str, str | None]:
@@ -321,6 +307,9 @@ class QuantizedSource(Source):
         g = self.tensor(pw.groups) if pw.groups is not None else None
         return requant.dequantize_packed(self.tensor(key), pw.params(), self.tensor(pw.scales), g)
 
+    def has_prescale(self, key: str) -> bool:
+        return key in self._scales
+
     def prescale(self, key: str) -> torch.Tensor | None:
         scale = self._scales.get(key)
         if scale is None:
@@ -330,14 +319,14 @@ class QuantizedSource(Source):
         s = self.tensor(scale).to(torch.float32).reshape(-1)
         return s.expand(m).contiguous() if s.numel() == 1 else s
 
-    def analysis_tensor(self, key: str) -> tuple[torch.Tensor, str]:
+    def analysis_array(self, key: str) -> tuple[np.ndarray, str]:
         if key in self._packed:
-            return self.dequantized(key), "F32"
+            return self.dequantized(key).to(torch.float32).numpy(), "F32"
         s = self.prescale(key)
         if s is None:
-            return super().analysis_tensor(key)
+            return super().analysis_array(key)
         q = self.tensor(key).to(torch.float32)
-        return (q.reshape(s.numel(), -1) * s[:, None]).reshape(q.shape), "F32"
+        return (q.reshape(s.numel(), -1) * s[:, None]).reshape(q.shape).numpy(), "F32"
 
     @property
     def quantized_weights(self) -> list[str]:
@@ -384,6 +373,7 @@ class Fp8Backbone(Source):
     backbone's fp8 rounding, as an fp8 checkpoint of it would."""
 
     inner: Source | None = None
+    rescaled_view = True
 
     def __post_init__(self) -> None:
         self._open = {}
@@ -420,6 +410,11 @@ class Fp8Backbone(Source):
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._codes(key)[0] if key in self._quantized else self._inner.tensor(key)
+
+    def array(self, key: str) -> np.ndarray:
+        if key not in self._quantized:
+            return self._inner.array(key)
+        return self._codes(key)[0].view(torch.uint8).numpy()
 
     def raw_bytes(self, key: str) -> bytes:
         if key not in self._quantized:

@@ -10,24 +10,28 @@ validating reader that guards family files.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .errors import InputError, NotFoundError
 from .format.constants import MEMBER_NAME_RE
 from .format.safetensors_io import SafetensorsFile, TensorInfo
 from .format.shards import index_shard_names
-from .tensors import TORCH_DTYPES, from_storage
+
+if TYPE_CHECKING:  # torch is imported where a tensor is asked for: lossless factoring never does (wfactor.exact)
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 AUX_MAX_BYTES = 64 << 20
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter directory (wfactor.peft)
 
 
 def default_member_name(path: Path) -> str:
@@ -106,11 +110,22 @@ class Source:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def array(self, key: str) -> np.ndarray:
+        """One tensor as a private numpy storage array (spec 6: BF16 as uint16, F8 as uint8) over a
+        copy-on-write mapping of the file (no copy: its pages stay the page cache's, so streaming a model costs
+        no anonymous memory for it). Torch-free."""
+        return self._mapped(key)
+
+    def _mapped(self, key: str) -> np.ndarray:
+        f, _info = self._where[key]
+        return self._open[f].mapped(self._in_file[key])
+
     def tensor(self, key: str) -> torch.Tensor:
-        """One tensor as a private CPU tensor of its stored dtype, over a copy-on-write mapping of the file
-        (no copy: its pages stay the page cache's, so streaming a model costs no anonymous memory for it)."""
+        """One tensor as a private CPU tensor of its stored dtype, over the mapping of :meth:`array`."""
+        from .tensors import from_storage
+
         f, info = self._where[key]
-        return from_storage(self._open[f].mapped(self._in_file[key]), info.dtype)
+        return from_storage(self._mapped(key), info.dtype)
 
     def raw_bytes(self, key: str) -> bytes:
         """One tensor's stored bytes, exactly as in the source file."""
@@ -138,6 +153,13 @@ class Source:
             got = cache[key] = ((info.dtype, tuple(info.shape), hashlib.sha256(raw).hexdigest()), constant)
         return got
 
+    # a quantised backbone (wfactor.quantized.Fp8Backbone): records predicted from it start with a rescale term
+    rescaled_view = False
+
+    def has_prescale(self, key: str) -> bool:
+        """Whether :meth:`prescale` has scales for this tensor (without loading them)."""
+        return False
+
     def prescale(self, key: str) -> torch.Tensor | None:
         """For a quantised member's weight stored as round(W / s): its scales s, one per row (float32);
         None for every other tensor (:class:`wfactor.quantized.QuantizedSource`)."""
@@ -164,16 +186,18 @@ class Source:
         for a quantised backbone (:class:`wfactor.quantized.Fp8Backbone`: its view B / t, the original, t)."""
         return self.tensor(key), None, None
 
-    def analysis_tensor(self, key: str) -> tuple[torch.Tensor, str]:
-        """The tensor as analysis compares it with a base, and its dtype: itself, or for a quantised weight
-        its dequantised values W = Q * s in float32."""
-        return self.tensor(key), self.info(key).dtype
+    def analysis_array(self, key: str) -> tuple[np.ndarray, str]:
+        """The tensor as analysis compares it with a base (a storage array), and its dtype: itself, or for a
+        quantised weight its dequantised values W = Q * s in float32."""
+        return self.array(key), self.info(key).dtype
 
     @property
     def nbytes(self) -> int:
         return sum(info.nbytes for _, info in self._where.values())
 
     def dtype_of(self, key: str) -> torch.dtype:
+        from .tensors import TORCH_DTYPES
+
         return TORCH_DTYPES[self.info(key).dtype]
 
     def close(self) -> None:
@@ -186,6 +210,24 @@ class Source:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def quantization_config(folder: Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` of ``folder/config.json``, or None (no config, or not quantised): a
+    quantised checkpoint is opened as :class:`wfactor.quantized.QuantizedSource`."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        obj = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # not ours to judge: the config is copied as it is
+    q = obj.get("quantization_config") if isinstance(obj, dict) else None
+    return q if isinstance(q, dict) else None
 
 
 def aux_files(folder: Path, exclude: set[Path]) -> list[Path]:
@@ -242,6 +284,10 @@ class TowersSource(Source):
     def tensor(self, key: str) -> torch.Tensor:
         src, k = self._of[key]
         return src.tensor(k)
+
+    def array(self, key: str) -> np.ndarray:
+        src, k = self._of[key]
+        return src.array(k)
 
     def raw_bytes(self, key: str) -> bytes:
         src, k = self._of[key]

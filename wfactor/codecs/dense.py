@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..exact import dense_term
 from ..tensors import format_dtype, storage_view
 from .base import Encoded
 
@@ -14,10 +15,8 @@ NAME = "dense"
 
 
 def encode(target: torch.Tensor) -> Encoded:
-    dtype = format_dtype(target.dtype)
-    encoding = "zstd_planes" if target.element_size() > 1 else "zstd"
-    # read only: encode_part compresses it in chunks, and copies it if it has to store it raw
-    return Encoded(NAME, {}, {"values": (storage_view(target), dtype, encoding)})
+    """:func:`wfactor.exact.dense_term` of a torch tensor."""
+    return dense_term(storage_view(target), format_dtype(target.dtype))
 
 
 def decode(

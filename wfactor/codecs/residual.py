@@ -1,10 +1,12 @@
 """residual: the member's bytes XOR the lossy prediction's bytes, stored as byte planes + zstd. Any
-reproducible prediction plus this residual rebuilds the tensor bit for bit (spec 5.3)."""
+reproducible prediction plus this residual rebuilds the tensor bit for bit (spec 5.3). Encoded by
+:func:`wfactor.exact.residual_term` (numpy); this module is its torch side."""
 
 from __future__ import annotations
 
 import torch
 
+from ..exact import residual_term
 from ..tensors import bits_view, format_dtype, storage_view
 from .base import Encoded
 
@@ -12,9 +14,7 @@ NAME = "residual"
 
 
 def encode(target: torch.Tensor, prediction: torch.Tensor) -> Encoded:
-    x = torch.bitwise_xor(bits_view(target), bits_view(prediction)).view(target.dtype)
-    encoding = "zstd_planes" if target.element_size() > 1 else "zstd"
-    return Encoded(NAME, {}, {"xor": (storage_view(x), format_dtype(target.dtype), encoding)})  # x is ours
+    return residual_term(storage_view(target), storage_view(prediction), format_dtype(target.dtype))
 
 
 def apply(prediction: torch.Tensor, xor: torch.Tensor) -> torch.Tensor:
