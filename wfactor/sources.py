@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .arrays import bits
 from .errors import InputError, NotFoundError
 from .format.constants import MEMBER_NAME_RE
 from .format.safetensors_io import SafetensorsFile, TensorInfo
@@ -147,10 +147,14 @@ class Source:
         got = cache.get(key)
         if got is None:
             info = self.info(key)
-            raw = self.raw_bytes(key)
-            size = info.nbytes // max(1, math.prod(info.shape)) if info.nbytes else 0
-            constant = info.nbytes > 0 and raw == raw[:size] * (len(raw) // size)
-            got = cache[key] = ((info.dtype, tuple(info.shape), hashlib.sha256(raw).hexdigest()), constant)
+            a = np.ascontiguousarray(self.array(key)).reshape(-1)  # the mapped bytes: hashed without a copy
+            digest = hashlib.sha256(a.view(np.uint8).data).hexdigest()
+            constant = False
+            if a.size:
+                u = bits(a)
+                # every element the first one, bit for bit (most tensors fail on their middle or last element)
+                constant = bool(u[-1] == u[0] and u[a.size // 2] == u[0] and (u == u[0]).all())
+            got = cache[key] = ((info.dtype, tuple(info.shape), digest), constant)
         return got
 
     # a quantised backbone (wfactor.quantized.Fp8Backbone): records predicted from it start with a rescale term
