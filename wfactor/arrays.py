@@ -61,9 +61,7 @@ def f8_values(dtype: str) -> np.ndarray:
 
 def to_compute(a: np.ndarray, dtype: str) -> np.ndarray:
     """cast_C (spec 5.1 step 1, exact): storage of a float dtype -> float32 (float64 for F64) values."""
-    if dtype == "F64":
-        return a
-    if dtype == "F32":
+    if dtype in ("F64", "F32"):
         return a
     if dtype == "F16":
         return a.astype(np.float32)
@@ -163,11 +161,10 @@ def predict_base(b: np.ndarray, bdtype: str, shape: tuple[int, ...], dtype: str)
     if bdtype == dtype:
         return base_view(b, shape)
     assert bdtype in FLOAT_DTYPES and dtype in FLOAT_DTYPES, (bdtype, dtype)
+    c = compute_dtype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow to infinity and NaNs are the rule here
-        x = to_compute(b, bdtype)
-        c = compute_dtype(dtype)
-        x = from_compute(x, c) if c != ("F64" if x.dtype == np.float64 else "F32") else x
-        y = from_compute(x, dtype) if dtype != c else x
-    if y is b:
-        y = y.copy()
+        x = to_compute(b, bdtype)  # exact; B itself for F32 and F64
+        if x.dtype != storage_dtype(c):
+            x = from_compute(x, c)  # F64 -> F32 rounds; F32 -> F64 is exact
+        y = from_compute(x, dtype) if dtype != c else x  # a new array: the dtypes differ
     return base_view(canonical_nan(np.ascontiguousarray(y), dtype), shape)

@@ -468,28 +468,25 @@ def _write_family(
     reports: list[MemberReport] = []
     written: list[tuple[Source, str, list[Record], dict[str, int]]] = []
     pending: list[Future[Any]] = []
-    shards: list[FileRef] = []
     # One writer thread writes the backbone while the first member is planned, then each delta's file from
     # its spool while the next member is planned (in that order: a delta's header names the backbone's
     # digest, known by then).
     with ThreadPoolExecutor(1) as writer:
-        sharded = write_backbone_sharded(base_src, tmp, max_shard_bytes, progress) if max_shard_bytes else None
-        backbone_ref: Future[FileRef]
-        if sharded is not None:
-            backbone_ref, shards = Future(), sharded[1]
-            backbone_ref.set_result(sharded[0])
-        else:
 
-            def single() -> FileRef:
-                write_backbone(base_src, tmp / BACKBONE_NAME, progress)
-                return FileRef.of(tmp, BACKBONE_NAME)
+        def write_backbone_files() -> tuple[FileRef, list[FileRef]]:
+            """(the backbone's FileRef, or its shard list's; the shards' FileRefs, [] unsharded)."""
+            sharded = write_backbone_sharded(base_src, tmp, max_shard_bytes, progress) if max_shard_bytes else None
+            if sharded is not None:
+                return sharded
+            write_backbone(base_src, tmp / BACKBONE_NAME, progress)
+            return FileRef.of(tmp, BACKBONE_NAME), []
 
-            backbone_ref = writer.submit(single)
+        backbone_ref = writer.submit(write_backbone_files)
         pending.append(backbone_ref)
         try:
             options: dict[str, dict[str, str]] = {}
             if budget.global_target:
-                backbone = backbone_ref.result()
+                backbone, shards = backbone_ref.result()
                 options = allocate_family(
                     sources,
                     base_src,
@@ -506,7 +503,7 @@ def _write_family(
                 records, sizes = write_delta(
                     src,
                     base_src,
-                    lambda: backbone_ref.result().sha256,
+                    lambda: backbone_ref.result()[0].sha256,
                     tmp / rel,
                     budget,
                     progress,
@@ -525,7 +522,7 @@ def _write_family(
                 fut.exception()
         for fut in pending:
             fut.result()
-        backbone = backbone_ref.result()
+        backbone, shards = backbone_ref.result()
     # raised to 3 by a delta with bit planes, to 4 by low-precision tensors anywhere
     version = backbone_version(base_src, SHARDED_FORMAT_VERSION if shards else FORMAT_VERSION)
     for src, rel, records, sizes in written:
@@ -653,8 +650,11 @@ def single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         budget = next((a for a in (*args, *kwargs.values()) if isinstance(a, Budget)), None)
         lossless = budget is not None and budget.lossless
         bounded_heap(streaming=lossless)
-        if not lossless:  # lossy planning is torch's; a lossless one is torch-free (wfactor.exact) but for
-            import torch  # noqa: F401  quantised weights, planned elementwise (any thread count, same bytes)
+        # Lossy planning is torch's: it is loaded here and held to one thread. A lossless run is torch-free
+        # (wfactor.exact); its quantised weights, if any, load torch later and are planned elementwise, which
+        # gives the same bytes on any number of threads.
+        if not lossless:
+            import torch  # noqa: F401
         torch_mod = sys.modules.get("torch")
         before = torch_mod.get_num_threads() if torch_mod is not None else None
         one_torch_thread()
