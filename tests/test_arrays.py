@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from wfactor.arrays import f8_values, predict_base, to_compute
+from wfactor.arrays import (
+    FINGERPRINT_BLOCK,
+    FINGERPRINT_BLOCKS,
+    bits_equal,
+    f8_values,
+    fingerprint,
+    predict_base,
+    to_compute,
+)
 from wfactor.format.constants import DTYPES
 from wfactor.format.records import Record
 from wfactor.reconstruct import predict
@@ -86,3 +94,30 @@ def test_f8_tables_match_torch() -> None:
         assert np.array_equal(np.isnan(got), np.isnan(want))
         assert np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
         assert np.array_equal(np.signbit(got[~np.isnan(got)]), np.signbit(want[~np.isnan(want)]))
+
+
+def test_fingerprint_is_a_candidate_key_that_bits_equal_confirms() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 256)).astype(np.float32)  # 256 KiB: sampled, not hashed whole
+    starts = np.arange(FINGERPRINT_BLOCKS) * (a.nbytes - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1)
+    gap = int(starts[1]) + FINGERPRINT_BLOCK  # the first byte after the second sampled block
+    assert gap + 4 <= starts[2]
+    b = a.copy()
+    b.reshape(-1).view(np.uint8)[gap] ^= 1  # one bit no sample sees
+    c = a.copy()
+    c.reshape(-1).view(np.uint8)[-1] ^= 1  # the last byte is always sampled
+    assert fingerprint(a) == fingerprint(b) and not bits_equal(a, b)
+    assert fingerprint(a) != fingerprint(c) and not bits_equal(a, c)
+    assert bits_equal(a, a.copy()) and not bits_equal(a, a.reshape(-1)) and not bits_equal(a, a.view(np.int32)[:1])
+    small = a[:8].copy()  # up to 64 KiB: every byte hashed
+    small2 = small.copy()
+    small2.reshape(-1).view(np.uint8)[100] ^= 1
+    assert fingerprint(small) != fingerprint(small2)
+    # the same bytes of another length (a prefix) or another dtype of the same bytes: lengths are hashed,
+    # dtypes and shapes are in Source.content's key
+    assert fingerprint(a) != fingerprint(a.reshape(-1)[:-1])
+    # bits_equal stops at the first differing chunk and compares every chunk otherwise
+    big = rng.integers(0, 255, 3 * (1 << 18) + 5, dtype=np.uint8)
+    late = big.copy()
+    late[-1] ^= 1
+    assert not bits_equal(big, late) and bits_equal(big, big.copy())

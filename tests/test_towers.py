@@ -426,3 +426,35 @@ def test_bit_identical_tensors_align_by_content_whatever_their_names(tmp_path: P
         for i, k in enumerate(keys):
             r = d.records[f"t{i}"]
             assert (r.base == k and r.codec == "identical") or k in constant
+
+
+def test_content_matches_are_confirmed_byte_for_byte(tmp_path: Path) -> None:
+    """Tied weights and alignment by content look tensors up by a sampled fingerprint (64 KiB of each): a
+    tensor that differs from another only where no sample falls is neither tied to it nor aligned to it."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+    u = torch.randn(256, 256, generator=g)
+    gap = 320  # between the 2nd and 3rd sampled blocks of a 256 KiB tensor (tests/test_arrays.py)
+
+    def flipped(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        out.view(-1).view(torch.uint8)[gap] ^= 1
+        return out
+
+    (tmp_path / "base").mkdir()
+    save_file({"w": w, "x": torch.randn(256, 256, generator=g)}, str(tmp_path / "base" / "model.safetensors"))
+    member = {"v": flipped(w), "u": u, "u2": flipped(u), "u3": u.clone(), "x": torch.randn(256, 256, generator=g)}
+    (tmp_path / "m").mkdir()
+    save_file(member, str(tmp_path / "m" / "model.safetensors"))
+    src = open_source(str(tmp_path / "m"))
+    assert src.content("u")[0] == src.content("u2")[0] and not src.same_bytes("u", src, "u2")
+    for budget in (wfactor.Budget(), wfactor.Budget(lossless=True)):
+        out = tmp_path / f"fam{budget.lossless}"
+        rep = wfactor.factor([f"m={tmp_path / 'm'}"], base=str(tmp_path / "base"), out=out, budget=budget)
+        assert rep.members[0].alignment.get("by_content", 0) == 0  # v is not w
+        with wfactor.open_family(out) as fam, fam.open_delta("m") as d:
+            assert d.records["u3"].same_as == "u" and d.records["u2"].same_as is None
+            assert d.records["v"].base is None
+            rebuilt = fam.state_dict("m")
+        for k, t in member.items():
+            assert bitwise_equal(rebuilt[k], t), k

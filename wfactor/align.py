@@ -43,7 +43,7 @@ MAX_PER_SUFFIX = 8  # backbone names proposed per member tensor (a suffix shared
 MAX_CANDIDATES = 64  # inferred rules evaluated per member, by votes
 VERDICT_SAMPLE = 1 << 16  # elements per tensor read for a rule's verdict (factor's relatedness sample)
 
-ContentKey = tuple[str, tuple[int, ...], str]  # (dtype, shape, sha256 of the bytes)
+ContentKey = tuple[str, tuple[int, ...], str]  # (dtype, shape, fingerprint of the bytes: Source.content)
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class BackboneIndex:
         for k in self.infos:  # sorted: the lists are in name order
             for _i, s in _suffixes(k):
                 self.by_suffix.setdefault(s, []).append(k)
-        self.by_content: dict[ContentKey, str] = {}
+        self.by_content: dict[ContentKey, list[str]] = {}  # candidates, in name order (Source.same_bytes decides)
         self.content_of: dict[str, ContentKey] = {}
         if content:
             for k, info in self.infos.items():
@@ -119,7 +119,7 @@ class BackboneIndex:
                 ck, constant = backbone.content(k)
                 self.content_of[k] = ck
                 if not constant:  # equal bytes of constant tensors say nothing about a relation
-                    self.by_content.setdefault(ck, k)
+                    self.by_content.setdefault(ck, []).append(k)
 
 
 @dataclass
@@ -318,12 +318,15 @@ def align(
         if info.nbytes == 0:
             continue
         ck, _constant = member.content(m)
-        same = index.by_content.get(ck)
-        if same is None:
+        candidates = index.by_content.get(ck)
+        if not candidates:
             continue
         have = out.mapping.get(m)
-        if have is not None and index.content_of.get(have) == ck:
+        if have is not None and index.content_of.get(have) == ck and member.same_bytes(m, index.source, have):
             continue  # the rule's base is bit-identical already
+        same = next((b for b in candidates if member.same_bytes(m, index.source, b)), None)
+        if same is None:
+            continue
         out.mapping[m] = same
         out.via[m] = "content"
         out.content_tensors += 1

@@ -86,7 +86,10 @@ def bounded_heap(streaming: bool = False) -> None:
       workspaces, codes) never pile up in the heaps of the worker threads;
     - ``streaming`` (lossless factoring), HEAP_BUFFER_MAX = 16 MiB: its few tensor-sized buffers (tensors,
       XOR residuals, byte planes, read chunks) are reused from the heap instead of being mapped and faulted in
-      afresh for every tensor, which made lossless factoring spend half its time in page faults.
+      afresh for every tensor, which made lossless factoring spend half its time in page faults. The heaps
+      are trimmed only when more than HEAP_TRIM_MIN = 256 MiB at their top is free (glibc's default, kept
+      once the mmap threshold is fixed, is 128 KiB: every freed buffer went back to the system, and the next
+      one was faulted in again). No heap grows beyond its peak, so this does not raise the peak memory.
 
     The first call of a process decides (glibc cannot restore its dynamic threshold). Elsewhere this does
     nothing."""
@@ -98,9 +101,12 @@ def bounded_heap(streaming: bool = False) -> None:
         libc = ctypes.CDLL("libc.so.6")
         # M_MMAP_THRESHOLD: fixed, so no longer adjusted dynamically
         libc.mallopt(-3, HEAP_BUFFER_MAX if streaming else 1 << 20)
+        if streaming:  # M_TRIM_THRESHOLD: a fixed mmap threshold also fixes this one at 128 KiB
+            libc.mallopt(-1, HEAP_TRIM_MIN)
     except (OSError, AttributeError):
         pass
 
 
 HEAP_BUFFER_MAX = 16 << 20
+HEAP_TRIM_MIN = 256 << 20
 _HEAP_BOUNDED = False

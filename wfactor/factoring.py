@@ -307,13 +307,17 @@ def write_delta(
     def jobs() -> list[tuple[int, str, str | None]]:
         """(record position, tensor, the earlier tensor it is tied to): tied weights (lm_head = embed_tokens)
         are found here, in order, by content; each is stored once and the others become same_as records."""
-        seen: dict[tuple[str, tuple[int, ...], str], str] = {}  # content digest -> first tensor with it
+        seen: dict[tuple[str, tuple[int, ...], str], list[str]] = {}  # content key -> first tensors with it
         out = []
         for pos, key in enumerate(member.keys()):
-            info = member.info(key)
-            digest, _constant = member.content(key)
-            out.append((pos, key, seen.get(digest) if info.nbytes > 0 else None))
-            seen.setdefault(digest, key)
+            ck, _constant = member.content(key)
+            earlier = seen.setdefault(ck, [])
+            tied = None
+            if member.info(key).nbytes > 0:
+                tied = next((k for k in earlier if member.same_bytes(key, member, k)), None)
+            out.append((pos, key, tied))
+            if tied is None:
+                earlier.append(key)
         return out
 
     def plan(job: tuple[int, str, str | None]) -> Planned | None:
@@ -553,8 +557,9 @@ def alignments(
 ) -> dict[str, Alignment]:
     """Each member aligned to ``backbone`` (:mod:`wfactor.align`; the verdict is `wfactor analyze`'s rule, one
     rule for both commands, spec/ANALYZE.md). The backbone itself, when it is a member, aligns by its names.
-    With ``infer``, every tensor's content digest (what content alignment and tied weights compare) is
-    computed first on ``workers`` threads (SHA-256 releases the GIL)."""
+    With ``infer``, every tensor's content fingerprint (the candidate key of content alignment and tied
+    weights, :func:`wfactor.arrays.fingerprint`; a match is then confirmed byte for byte) is computed first
+    on ``workers`` threads (SHA-256 releases the GIL)."""
     if infer and workers > 1:
         models = [backbone] + [s for s in sources if s is not backbone]
         todo = [(m, k) for m in models for k in m.keys() if m.info(k).nbytes]

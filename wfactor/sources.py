@@ -9,7 +9,6 @@ validating reader that guards family files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .arrays import bits
+from .arrays import bits, bits_equal, fingerprint
 from .errors import InputError, NotFoundError
 from .format.constants import MEMBER_NAME_RE
 from .format.safetensors_io import SafetensorsFile, TensorInfo
@@ -140,22 +139,29 @@ class Source:
         return None
 
     def content(self, key: str) -> tuple[tuple[str, tuple[int, ...], str], bool]:
-        """((dtype, shape, SHA-256 of the bytes), whether every element is the same) of one tensor: its
-        identity by content (tied weights, alignment by content). Read and hashed once per opened model, however
-        many backbone candidates or passes ask."""
+        """((dtype, shape, fingerprint of the bytes), whether every element is the same) of one tensor: the key
+        that tied weights and alignment by content look tensors up by, confirmed by :meth:`same_bytes`
+        (:func:`wfactor.arrays.fingerprint` samples 64 KiB, so equal keys are only candidates). Computed
+        once per opened model, however many backbone candidates or passes ask."""
         cache: dict[str, tuple[tuple[str, tuple[int, ...], str], bool]] = self.__dict__.setdefault("_content", {})
         got = cache.get(key)
         if got is None:
             info = self.info(key)
-            a = np.ascontiguousarray(self.array(key)).reshape(-1)  # the mapped bytes: hashed without a copy
-            digest = hashlib.sha256(a.view(np.uint8).data).hexdigest()
+            a = self.array(key).reshape(-1)
             constant = False
             if a.size:
                 u = bits(a)
                 # every element the first one, bit for bit (most tensors fail on their middle or last element)
                 constant = bool(u[-1] == u[0] and u[a.size // 2] == u[0] and (u == u[0]).all())
-            got = cache[key] = ((info.dtype, tuple(info.shape), digest), constant)
+            got = cache[key] = ((info.dtype, tuple(info.shape), fingerprint(a)), constant)
         return got
+
+    def same_bytes(self, key: str, other: Source, other_key: str) -> bool:
+        """Whether this tensor and ``other``'s ``other_key`` are the same tensor bit for bit (dtype, shape, bytes)."""
+        a, b = self.info(key), other.info(other_key)
+        if (a.dtype, tuple(a.shape)) != (b.dtype, tuple(b.shape)):
+            return False
+        return bits_equal(self.array(key), other.array(other_key))
 
     # a quantised backbone (wfactor.quantized.Fp8Backbone): records predicted from it start with a rescale term
     rescaled_view = False

@@ -21,7 +21,9 @@ from . import bitplanes
 from .constants import DTYPES, PART_ENCODINGS
 from .safetensors_io import SafetensorsFile, check_shape
 
-ZSTD_LEVEL = 3
+# Level 1, not zstd's default 3: on residual byte planes (what lossless families are made of) it gives the same
+# size within 0.3% (often smaller) at about twice the speed, and compression is most of lossless factoring.
+ZSTD_LEVEL = 1
 
 
 @dataclass(frozen=True)
