@@ -559,19 +559,21 @@ def alignments(
     rule for both commands, spec/ANALYZE.md). The backbone itself, when it is a member, aligns by its names.
     With ``infer``, every tensor's content fingerprint (the candidate key of content alignment and tied
     weights, :func:`wfactor.arrays.fingerprint`; a match is then confirmed byte for byte) is computed first
-    on ``workers`` threads (SHA-256 releases the GIL)."""
+    on ``workers`` threads (SHA-256 releases the GIL), then the members are aligned on ``workers`` threads,
+    one member each."""
     if infer and workers > 1:
         models = [backbone] + [s for s in sources if s is not backbone]
         todo = [(m, k) for m in models for k in m.keys() if m.info(k).nbytes]
         for _ in ordered_map(lambda job: job[0].content(job[1]), todo, workers):
             pass
     index = BackboneIndex(backbone, content=infer)
-    return {
-        s.name: align(
+
+    def one(s: Source) -> Alignment:  # members align independently: one per worker (the index is read-only)
+        return align(
             s, index, rules_for(s.name, rules), infer=infer, sample=VERDICT_SAMPLE, trust_identity=s is backbone
         )
-        for s in sources
-    }
+
+    return {s.name: a for s, a in zip(sources, ordered_map(one, sources, workers, one_torch_thread))}
 
 
 ESTIMATE_SHARE = 8  # every 8th tensor (by name, at least ESTIMATE_MIN of each member) is planned for the estimate

@@ -9,6 +9,7 @@ the structure of floating-point data (exponents compress, low mantissa bytes do 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -90,26 +91,38 @@ def encode_part(
 
 
 COMPRESS_CHUNK = 4 << 20
-PLANES_WHOLE = 256 << 20  # up to this size a tensor's byte planes are made in one copy; beyond, plane by plane
+# up to this size a part is compressed in one call (its byte planes made in one copy); beyond, in chunks
+WHOLE_MAX = 256 << 20
+_COMPRESSORS = threading.local()  # one zstd context per thread and level, reused (a context is not thread-safe)
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    got: dict[int, zstandard.ZstdCompressor] | None = getattr(_COMPRESSORS, "by_level", None)
+    if got is None:
+        got = _COMPRESSORS.by_level = {}
+    if level not in got:
+        got[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return got[level]
 
 
 def compress_streaming(arr: np.ndarray, planes: int, level: int = ZSTD_LEVEL) -> bytes:
     """One zstd frame (its content size declared) of ``arr``'s bytes, or of its byte planes when ``planes`` > 1
-    (byte 0 of every element, then byte 1, ...). Fed in chunks of ``COMPRESS_CHUNK`` bytes, so that no copy
-    of the whole array is ever made: memory stays bounded whatever the tensor's size."""
+    (byte 0 of every element, then byte 1, ...).
+
+    Up to ``WHOLE_MAX`` bytes, one call over the array (or one transposing copy of it, the planes
+    contiguous): zstd compresses from the buffer in place, without copying it into its window. Beyond, the
+    bytes are fed in chunks of ``COMPRESS_CHUNK`` bytes (plane by plane), so that no copy of the whole
+    array is ever made: memory stays bounded whatever the tensor's size. The two ways end the frame's last
+    block differently: which one a part took follows from its size alone, so the bytes stay deterministic."""
     flat = arr.reshape(-1).view(np.uint8)
-    cobj = zstandard.ZstdCompressor(level=level, write_content_size=True).compressobj(size=flat.size)
+    if flat.size <= WHOLE_MAX:
+        data = flat if planes <= 1 else np.ascontiguousarray(flat.reshape(-1, planes).T).reshape(-1)
+        return _compressor(level).compress(data.data)
+    cobj = _compressor(level).compressobj(size=flat.size)
     out: list[bytes] = []
     if planes <= 1:
         for i in range(0, flat.size, COMPRESS_CHUNK):
             out.append(cobj.compress(flat[i : i + COMPRESS_CHUNK].tobytes()))
-    elif flat.size <= PLANES_WHOLE:
-        # one transposing copy of the tensor (planes contiguous), fed to zstd without further copies: the
-        # same frame as the chunked gather below (a zstd frame does not depend on how its input is fed)
-        transposed = np.ascontiguousarray(flat.reshape(-1, planes).T).reshape(-1)
-        view = transposed.data
-        for i in range(0, transposed.size, COMPRESS_CHUNK):
-            out.append(cobj.compress(view[i : i + COMPRESS_CHUNK]))
     else:
         grid = flat.reshape(-1, planes)
         rows = max(1, COMPRESS_CHUNK // planes)
